@@ -1,0 +1,104 @@
+// One asynchronous operation, described independently of the backend that runs
+// it (the io_uring driver or the epoll fallback). Public only because the C++ API
+// embeds operations by value in awaitables and handles; users do not touch the
+// fields.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+struct iovec;
+struct sockaddr;
+struct statx;
+
+namespace ringpark::detail {
+
+enum class OpCode : std::uint8_t {
+  nop,
+  timeout,         // completes with -ETIME after `timeout_ns`
+  poll,            // one-shot readiness: res = revents
+  poll_multishot,  // one result per readiness change, flagged kMore until the last
+  read,            // pread at `offset`, or read at the file position if offset == -1
+  write,
+  readv,
+  writev,
+  recv,
+  send,
+  accept,
+  accept_multishot,
+  connect,
+  shutdown,
+  close,
+  cancel,  // asks the backend to cancel `target`; res = 0, -ENOENT or -EALREADY
+  openat,
+  statx,
+  fsync,
+  fdatasync,
+  unlinkat,
+  renameat,
+  mkdirat,
+};
+
+// Set in `flags` of a completion when more completions of the same operation
+// follow (a multishot operation that is still armed).
+inline constexpr std::uint32_t kMore = 1u << 0;
+
+struct Op;
+// Called once per completion, on the loop thread, after the backend is done
+// with the completion record. With kMore clear this is the final completion: the
+// backend no longer references the op or anything it points at.
+using CompleteFn = void (*)(Op* op, int res, std::uint32_t flags) noexcept;
+
+// Pinned: from submission until its final completion the op's address is what
+// the kernel hands back (io_uring user_data), so it is neither copied nor moved.
+struct Op {
+  Op() = default;
+  Op(const Op&) = delete;
+  Op& operator=(const Op&) = delete;
+
+  OpCode code = OpCode::nop;
+  int fd = -1;
+  int dfd = -100;  // directory fd for *at operations; AT_FDCWD by default
+  int flags = 0;   // open flags, send/recv flags, *at flags, poll events
+  std::uint32_t len = 0;
+  std::uint32_t mode = 0;
+  std::int64_t offset = -1;
+  void* buf = nullptr;  // read/write/recv/send buffer; for readv/writev an iovec*
+  const char* path = nullptr;
+  const char* path2 = nullptr;  // renameat's new path
+  sockaddr* addr = nullptr;     // accept (out) and connect (in)
+  unsigned* addrlen = nullptr;  // accept: in/out; connect: uses `len`
+  struct statx* statxbuf = nullptr;
+  Op* target = nullptr;              // cancel
+  std::uint64_t timeout_ns = 0;      // timeout
+  struct {
+    std::int64_t tv_sec, tv_nsec;
+  } ts_{};  // kernel copy of timeout_ns, kept in the pinned op while in flight
+
+  CompleteFn complete = nullptr;
+  void* data = nullptr;  // for the owner of the op
+
+  // Backend bookkeeping.
+  enum class State : std::uint8_t { idle, in_flight, cancelling } state = State::idle;
+  Op* next_ = nullptr;  // intrusive link for the fallback's wait lists
+  Op* prev_ = nullptr;
+};
+
+// The backend-neutral operations interface that the io_uring driver and the epoll
+// fallback both implement. Loop thread only.
+class IoBackend {
+ public:
+  virtual ~IoBackend() = default;
+  // Queues `op`; it completes later, through op->complete, on the loop thread
+  // (never inside this call). Nothing reaches the kernel before the next park or
+  // turn: every op queued during a turn goes out in one submission.
+  virtual void submit(Op* op) noexcept = 0;
+  // Asks for `op` to end early; it then completes with -ECANCELED (or its real
+  // result if it finished first). A request: `op` and its buffers stay owned by
+  // the backend until its final completion.
+  virtual void cancel(Op* op) noexcept = 0;
+  // Number of ops submitted and not yet finally completed.
+  virtual std::size_t in_flight() const noexcept = 0;
+};
+
+}  // namespace ringpark::detail

@@ -1,0 +1,112 @@
+#include "park/timer.hpp"
+
+#include <utility>
+
+namespace ringpark::detail {
+
+SteadyClock& SteadyClock::instance() noexcept {
+  static SteadyClock clock;
+  return clock;
+}
+
+bool TimerLayer::less(std::size_t a, std::size_t b) const noexcept {
+  const TimerEntry* x = heap_[a];
+  const TimerEntry* y = heap_[b];
+  if (x->deadline != y->deadline) return x->deadline < y->deadline;
+  return x->seq_ < y->seq_;
+}
+
+void TimerLayer::swap_nodes(std::size_t a, std::size_t b) noexcept {
+  std::swap(heap_[a], heap_[b]);
+  heap_[a]->heap_index_ = a;
+  heap_[b]->heap_index_ = b;
+}
+
+void TimerLayer::sift_up(std::size_t i) noexcept {
+  while (i > 0) {
+    std::size_t parent = (i - 1) / 2;
+    if (!less(i, parent)) break;
+    swap_nodes(i, parent);
+    i = parent;
+  }
+}
+
+void TimerLayer::sift_down(std::size_t i) noexcept {
+  for (;;) {
+    std::size_t smallest = i;
+    std::size_t left = 2 * i + 1;
+    std::size_t right = left + 1;
+    if (left < heap_.size() && less(left, smallest)) smallest = left;
+    if (right < heap_.size() && less(right, smallest)) smallest = right;
+    if (smallest == i) return;
+    swap_nodes(i, smallest);
+    i = smallest;
+  }
+}
+
+void TimerLayer::remove_at(std::size_t i) noexcept {
+  TimerEntry* gone = heap_[i];
+  std::size_t last = heap_.size() - 1;
+  if (i != last) {
+    swap_nodes(i, last);
+    heap_.pop_back();
+    sift_down(i);
+    sift_up(i);
+  } else {
+    heap_.pop_back();
+  }
+  gone->heap_index_ = TimerEntry::kNotArmed;
+}
+
+void TimerLayer::arm(TimerEntry* entry) {
+  if (entry->armed()) remove_at(entry->heap_index_);
+  entry->seq_ = next_seq_++;
+  entry->heap_index_ = heap_.size();
+  heap_.push_back(entry);
+  sift_up(entry->heap_index_);
+}
+
+void TimerLayer::cancel(TimerEntry* entry) noexcept {
+  if (entry->armed()) remove_at(entry->heap_index_);
+}
+
+Timeout TimerLayer::next_timeout() const noexcept {
+  if (heap_.empty()) return std::nullopt;
+  auto left = heap_.front()->deadline - clock_.now();
+  if (left < Duration::zero()) return Duration::zero();
+  // Round up so that a wake never comes a fraction too early and spins.
+  return std::chrono::ceil<Duration>(left);
+}
+
+void TimerLayer::park(Timeout timeout) noexcept {
+  inner_.park(min_timeout(timeout, next_timeout()));
+  fire_due();
+}
+
+void TimerLayer::turn() noexcept {
+  inner_.turn();
+  fire_due();
+}
+
+std::size_t TimerLayer::fire_due() noexcept {
+  // Entries armed by a fire callback for "now" wait for the next pass, so a
+  // timer that re-arms itself with a zero delay cannot loop forever here.
+  const TimePoint now = clock_.now();
+  const std::uint64_t seq_limit = next_seq_;
+  std::size_t fired = 0;
+  while (!heap_.empty()) {
+    TimerEntry* top = heap_.front();
+    if (top->deadline > now || top->seq_ >= seq_limit) break;
+    remove_at(0);
+    ++fired;
+    top->fire(top);
+  }
+  return fired;
+}
+
+void TimerLayer::shutdown() noexcept {
+  while (!heap_.empty()) remove_at(heap_.size() - 1);
+  inner_.shutdown();
+}
+
+}  // namespace ringpark::detail

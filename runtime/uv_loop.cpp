@@ -1,0 +1,286 @@
+#include "runtime/uv_loop.hpp"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <mutex>
+#include <new>
+#include <unordered_map>
+
+#include "ringpark.h"
+#include "runtime/uv_private.hpp"
+
+namespace ringpark::detail {
+
+namespace {
+
+UvReactor::RunFn g_real_uv_run = nullptr;
+
+std::mutex g_registry_mutex;
+std::unordered_map<uv_loop_t*, LoopContext*>& registry() {
+  static auto* map = new std::unordered_map<uv_loop_t*, LoopContext*>;
+  return *map;
+}
+
+}  // namespace
+
+UvReactor::RunFn real_uv_run() noexcept { return g_real_uv_run ? g_real_uv_run : &uv_run; }
+void set_real_uv_run(UvReactor::RunFn run) noexcept { g_real_uv_run = run; }
+
+LoopContext* LoopContext::find(uv_loop_t* loop) noexcept {
+  std::lock_guard lock(g_registry_mutex);
+  auto it = registry().find(loop);
+  return it == registry().end() ? nullptr : it->second;
+}
+
+LoopContext* LoopContext::get(uv_loop_t* loop) noexcept {
+  std::lock_guard lock(g_registry_mutex);
+  auto& map = registry();
+  auto it = map.find(loop);
+  if (it != map.end()) {
+    LoopContext* ctx = it->second;
+    if (ctx->pid_ != ::getpid()) {
+      // A forked child: the ring still belongs to the parent (cancelling through
+      // it would cancel the parent's operations), so leave the old context alone
+      // and only take its handles out of the child's copy of the loop.
+      ctx->stop_handles();
+      map.erase(it);
+    } else if (!uv_private::still_linked(loop, reinterpret_cast<uv_handle_t*>(&ctx->hook_))) {
+      // The loop was closed with plain uv_loop_close and a new one made at the
+      // same address: the old handles are gone with the old loop.
+      map.erase(it);
+      delete ctx;
+    } else {
+      return ctx;
+    }
+  }
+  try {
+    auto* ctx = new LoopContext(loop);
+    map.emplace(loop, ctx);
+    return ctx;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ringpark: cannot set up loop %p, running plain libuv: %s\n",
+                 static_cast<void*>(loop), e.what());
+    return nullptr;
+  }
+}
+
+LoopContext::LoopContext(uv_loop_t* loop) : loop_(loop), pid_(::getpid()) {
+  auto reactor =
+      std::make_unique<UvReactor>(loop, UvReactor::TurnMode::mark_ready, real_uv_run());
+  reactor_ = reactor.get();
+  // DEFER_TASKRUN stays off: libuv's epoll_wait must be woken by completions
+  // that arrive while it, not the ring, is sleeping. On the fallback libuv
+  // watches our epoll set, so ours must not watch libuv's.
+  ChainOptions options;
+  options.fallback_polls_inner = false;
+  chain_ = std::make_unique<Chain>(options, std::move(reactor));
+  int wake_fd;
+  if (UringDriver* uring = chain_->uring()) {
+    eventfd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (eventfd_ < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
+    int r = uring->register_eventfd(eventfd_);
+    if (r < 0) {
+      ::close(eventfd_);
+      throw std::system_error(-r, std::generic_category(), "io_uring_register_eventfd");
+    }
+    wake_fd = eventfd_;
+  } else {
+    // The fallback's epoll set is readable whenever ringpark has work.
+    wake_fd = chain_->epoll().fd();
+  }
+
+  uv_prepare_init(loop, &hook_);
+  uv_poll_init(loop, &wake_, wake_fd);
+  uv_timer_init(loop, &deadline_);
+  for (uv_handle_t* h : {reinterpret_cast<uv_handle_t*>(&hook_),
+                         reinterpret_cast<uv_handle_t*>(&wake_),
+                         reinterpret_cast<uv_handle_t*>(&deadline_)}) {
+    h->data = this;
+    uv_private::mark_internal(h);
+  }
+  start_handles();
+}
+
+LoopContext::~LoopContext() {
+  chain_->shutdown();
+  if (eventfd_ >= 0) ::close(eventfd_);
+}
+
+void LoopContext::start_handles() noexcept {
+  uv_prepare_start(&hook_, &LoopContext::on_prepare);
+  uv_unref(reinterpret_cast<uv_handle_t*>(&hook_));
+  uv_private::move_prepare_last(&hook_);
+  uv_poll_start(&wake_, UV_READABLE, &LoopContext::on_wake);
+  uv_unref(reinterpret_cast<uv_handle_t*>(&wake_));
+  uv_unref(reinterpret_cast<uv_handle_t*>(&deadline_));
+  referenced_ = false;
+}
+
+void LoopContext::stop_handles() noexcept {
+  uv_prepare_stop(&hook_);
+  uv_poll_stop(&wake_);
+  uv_timer_stop(&deadline_);
+}
+
+bool LoopContext::busy() noexcept {
+  return chain_->io().in_flight() > 0 || chain_->timers().size() > 0 ||
+         chain_->executor().has_work();
+}
+
+void LoopContext::before_libuv_sleeps() noexcept {
+  if (UringDriver* uring = chain_->uring()) {
+    uring->flush();
+    // Enable the eventfd before looking at the CQ: a CQE posted after the look
+    // then signals it, one posted before is seen by the look.
+    uring->set_eventfd_enabled(true);
+    if (uring->has_cqes()) {
+      std::uint64_t one = 1;
+      (void)!::write(eventfd_, &one, sizeof one);
+    }
+  }
+  if (chain_->executor().has_work()) chain_->top().unparker().unpark();
+
+  if (Timeout next = chain_->timers().next_timeout()) {
+    auto ms = std::chrono::ceil<std::chrono::milliseconds>(*next).count();
+    uv_timer_start(&deadline_, &LoopContext::on_deadline, static_cast<std::uint64_t>(ms), 0);
+  } else {
+    uv_timer_stop(&deadline_);
+  }
+
+  update_ref();
+}
+
+void LoopContext::update_ref() noexcept {
+  // Ringpark's operations keep the loop alive, as libuv's own requests do.
+  bool want_ref = busy();
+  if (want_ref != referenced_) {
+    referenced_ = want_ref;
+    if (want_ref) {
+      uv_ref(reinterpret_cast<uv_handle_t*>(&wake_));
+    } else {
+      uv_unref(reinterpret_cast<uv_handle_t*>(&wake_));
+    }
+  }
+}
+
+void LoopContext::sleep_in_ring() noexcept {
+  UringDriver* uring = chain_->uring();
+  // While the ring is where we sleep, CQEs need not signal libuv's side.
+  if (uring) uring->set_eventfd_enabled(false);
+  reactor_->clear_ready();
+  for (;;) {
+    // executor -> timer -> driver: the driver folds uv_backend_timeout into its
+    // wait and "turns" the reactor (marks it ready) when libuv's epoll fd is
+    // readable or libuv's next timer is due.
+    chain_->top().park(std::nullopt);
+    if (reactor_->ready() || !busy()) break;
+    // Completions ran and more are awaited: sleep again, measuring libuv's
+    // timeout from the time that has passed since.
+    uv_update_time(loop_);
+  }
+}
+
+void LoopContext::on_prepare(uv_prepare_t* handle) {
+  auto* self = static_cast<LoopContext*>(handle->data);
+  ++self->turns_;
+  // Only the ring can wait on libuv's fd and ours at once; on the fallback libuv
+  // sleeps and our epoll fd wakes it.
+  const bool may_sleep = self->chain_->uring() && self->running_ && (self->mode_ == UV_RUN_DEFAULT ||
+                                            (self->mode_ == UV_RUN_ONCE && self->may_block_));
+  if (self->busy()) {
+    if (may_sleep) {
+      self->sleep_in_ring();
+    } else {
+      self->chain_->top().turn();
+    }
+  }
+  self->before_libuv_sleeps();
+}
+
+void LoopContext::on_wake(uv_poll_t* handle, int, int) {
+  auto* self = static_cast<LoopContext*>(handle->data);
+  if (self->eventfd_ >= 0) {
+    std::uint64_t value;
+    (void)!::read(self->eventfd_, &value, sizeof value);
+  }
+  self->chain_->top().turn();
+  self->before_libuv_sleeps();
+}
+
+void LoopContext::on_deadline(uv_timer_t* handle) {
+  auto* self = static_cast<LoopContext*>(handle->data);
+  self->chain_->top().turn();
+  self->before_libuv_sleeps();
+}
+
+int LoopContext::run(uv_run_mode mode) noexcept {
+  // Keep the hook after any prepare handle the program started meanwhile.
+  uv_private::move_prepare_last(&hook_);
+  const bool was_running = running_;
+  const uv_run_mode was_mode = mode_;
+  running_ = true;
+  mode_ = mode;
+  may_block_ = uv_private::once_may_block(loop_);
+  update_ref();  // operations started before this call keep the loop alive
+  int r = real_uv_run()(loop_, mode);
+  running_ = was_running;
+  mode_ = was_mode;
+  return r;
+}
+
+int LoopContext::close_loop() noexcept {
+  if (busy()) return UV_EBUSY;
+  stop_handles();
+  int r = uv_loop_close(loop_);
+  if (r != 0) {
+    start_handles();
+    return r;
+  }
+  {
+    std::lock_guard lock(g_registry_mutex);
+    registry().erase(loop_);
+  }
+  delete this;
+  return 0;
+}
+
+}  // namespace ringpark::detail
+
+using ringpark::detail::LoopContext;
+
+extern "C" int rp_uv_run(uv_loop_t* loop, uv_run_mode mode) {
+  LoopContext* ctx = LoopContext::get(loop);
+  if (ctx == nullptr) return ringpark::detail::real_uv_run()(loop, mode);
+  return ctx->run(mode);
+}
+
+extern "C" int rp_stats(uv_loop_t* loop, rp_stats_t* stats) {
+  if (loop == nullptr || stats == nullptr) return UV_EINVAL;
+  *stats = rp_stats_t{};
+  LoopContext* ctx = LoopContext::find(loop);
+  if (ctx == nullptr) return 0;
+  auto s = ctx->chain().stats();
+  stats->turns = ctx->turns();
+  stats->enters = s.enters;
+  stats->sqes_submitted = s.sqes_submitted;
+  stats->cqes_reaped = s.cqes_reaped;
+  return 0;
+}
+
+extern "C" const char* rp_backend(uv_loop_t* loop) {
+  if (loop == nullptr) return "none (null loop)";
+  LoopContext* ctx = LoopContext::get(loop);
+  if (ctx == nullptr) return "none (set-up failed)";
+  return ctx->chain().backend_name().c_str();
+}
+
+extern "C" int rp_loop_close(uv_loop_t* loop) {
+  if (loop == nullptr) return UV_EINVAL;
+  LoopContext* ctx = LoopContext::find(loop);
+  if (ctx == nullptr) return uv_loop_close(loop);
+  return ctx->close_loop();
+}

@@ -1,0 +1,83 @@
+// Ringpark's state for one libuv loop, and how it rides inside uv_run.
+//
+// rp_uv_run(loop, mode) calls the real uv_run(loop, mode), so every phase of
+// libuv runs exactly as before. A hidden prepare handle, kept last in the
+// prepare queue, is where ringpark does its part of each iteration:
+// - nothing of ringpark's in flight: it returns at once and libuv sleeps in its
+//   own epoll_wait, as it would without ringpark;
+// - ringpark operations in flight: it sleeps in the ring (one io_uring_enter),
+//   with libuv's epoll fd polled from inside the ring and the wait bounded by
+//   uv_backend_timeout; ringpark completions run right there and the sleep goes
+//   on, and once libuv's fd is readable or its timer due the hook returns, so
+//   libuv's own poll finds work and does not block.
+// When libuv sleeps by itself (the first case, plain uv_run, or a mode that must
+// not block), ringpark's completions still wake it: the ring's eventfd (or, on
+// the fallback, ringpark's epoll fd) is watched by a hidden uv_poll_t, and a
+// hidden uv_timer_t carries ringpark's earliest deadline.
+#pragma once
+
+#include <uv.h>
+
+#include <memory>
+
+#include "epoll_bridge/uv_reactor.hpp"
+#include "runtime/chain.hpp"
+
+namespace ringpark::detail {
+
+class LoopContext {
+ public:
+  // The loop's context, made on first use. Null only when even the fallback
+  // cannot be built (out of fds); the caller then runs plain libuv.
+  static LoopContext* get(uv_loop_t* loop) noexcept;
+  // The context if one exists, without making one.
+  static LoopContext* find(uv_loop_t* loop) noexcept;
+
+  int run(uv_run_mode mode) noexcept;
+  int close_loop() noexcept;
+
+  Chain& chain() noexcept { return *chain_; }
+  uv_loop_t* loop() const noexcept { return loop_; }
+  std::uint64_t turns() const noexcept { return turns_; }
+
+  // True while ringpark has work that must keep the loop alive: operations in
+  // flight, deadlines armed, tasks queued.
+  bool busy() noexcept;
+  // Everything that must happen before libuv may sleep on its own: submit what
+  // is queued, make sure pending completions wake it, carry the next deadline.
+  void before_libuv_sleeps() noexcept;
+
+ private:
+  explicit LoopContext(uv_loop_t* loop);
+  ~LoopContext();
+
+  void start_handles() noexcept;
+  void stop_handles() noexcept;
+  void sleep_in_ring() noexcept;
+  void update_ref() noexcept;
+
+  static void on_prepare(uv_prepare_t* handle);
+  static void on_wake(uv_poll_t* handle, int status, int events);
+  static void on_deadline(uv_timer_t* handle);
+
+  uv_loop_t* loop_;
+  int pid_;
+  UvReactor* reactor_;  // owned by chain_
+  std::unique_ptr<Chain> chain_;
+  int eventfd_ = -1;  // io_uring only: signalled by the kernel on every CQE
+  uv_prepare_t hook_;
+  uv_poll_t wake_;
+  uv_timer_t deadline_;
+  bool running_ = false;  // inside rp_uv_run (not a plain uv_run)
+  uv_run_mode mode_ = UV_RUN_DEFAULT;
+  bool may_block_ = true;
+  bool referenced_ = false;
+  std::uint64_t turns_ = 0;
+};
+
+// The real uv_run. The preload library, which defines uv_run itself, sets it to
+// the next definition in the lookup order.
+UvReactor::RunFn real_uv_run() noexcept;
+void set_real_uv_run(UvReactor::RunFn run) noexcept;
+
+}  // namespace ringpark::detail

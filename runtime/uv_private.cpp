@@ -1,0 +1,58 @@
+// The only file that reaches into libuv's private fields. The layouts used here
+// (QUEUE as void*[2] links, the loop's prepare/pending/idle queues, the handle
+// flag UV_HANDLE_INTERNAL = 0x10) are those of libuv 1.x on unix and have been
+// stable across 1.x; the build refuses any other major version.
+#include "runtime/uv_private.hpp"
+
+#if UV_VERSION_MAJOR != 1
+#error "ringpark reads libuv 1.x private fields; check runtime/uv_private.cpp for this version"
+#endif
+
+namespace ringpark::detail::uv_private {
+
+namespace {
+
+using Link = void* [2];
+
+constexpr unsigned kHandleInternal = 0x10;  // UV_HANDLE_INTERNAL in src/uv-common.h
+
+void*& next_of(void* node) noexcept { return (*static_cast<Link*>(node))[0]; }
+void*& prev_of(void* node) noexcept { return (*static_cast<Link*>(node))[1]; }
+
+}  // namespace
+
+void mark_internal(uv_handle_t* handle) noexcept { handle->flags |= kHandleInternal; }
+
+void move_prepare_last(uv_prepare_t* handle) noexcept {
+  void* head = &handle->loop->prepare_handles;
+  void* node = &handle->queue;
+  if (prev_of(head) == node) return;  // already last
+  // Unlink.
+  next_of(prev_of(node)) = next_of(node);
+  prev_of(next_of(node)) = prev_of(node);
+  // Insert before head, i.e. at the tail.
+  next_of(node) = head;
+  prev_of(node) = prev_of(head);
+  next_of(prev_of(head)) = node;
+  prev_of(head) = node;
+}
+
+bool still_linked(const uv_loop_t* loop, const uv_handle_t* handle) noexcept {
+  // Walk from the loop's own queue head, so that only live handles are read
+  // (our neighbours in a stale queue may have been freed). Our handles are made
+  // early, so the walk is short.
+  void* head = const_cast<void**>(loop->handle_queue);
+  const void* node = handle->handle_queue;
+  for (void* q = next_of(head); q != head; q = next_of(q)) {
+    if (q == node) return true;
+  }
+  return false;
+}
+
+bool once_may_block(const uv_loop_t* loop) noexcept {
+  const void* pending = &loop->pending_queue;
+  const void* idle = &loop->idle_handles;
+  return loop->pending_queue[0] == pending && loop->idle_handles[0] == idle;
+}
+
+}  // namespace ringpark::detail::uv_private

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds ringpark and passes every test, on a fresh Debian 12 machine:
+#   1. the GoogleTest suite (each test once per backend: io_uring and epoll);
+#   2. the same suite under AddressSanitizer and UndefinedBehaviorSanitizer;
+#   3. libuv 1.44.2's own test suite with every uv_run routed to rp_uv_run,
+#      inside a network namespace that has only loopback.
+# Set RINGPARK_QUICK=1 to skip 2 and 3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh
+jobs=$(nproc)
+
+build() {  # build DIR [cmake args...]
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
+  cmake --build "$dir" -j"$jobs"
+}
+
+build build
+ctest --test-dir build -j"$jobs" --output-on-failure
+
+if [ "${RINGPARK_QUICK:-0}" != 1 ]; then
+  build build-asan -DRINGPARK_SANITIZE=address -DRINGPARK_BUILD_SAMPLES=OFF
+  ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan -j"$jobs" --output-on-failure
+  build build-ubsan -DRINGPARK_SANITIZE=undefined -DRINGPARK_BUILD_SAMPLES=OFF
+  ctest --test-dir build-ubsan -j"$jobs" --output-on-failure
+  if [ -x tests/libuv_suite/run.sh ] || [ -f tests/libuv_suite/run.sh ]; then
+    for backend in uring epoll; do
+      RINGPARK_BACKEND=$backend bash tests/libuv_suite/run.sh \
+        --ringpark-lib "$PWD/build/libringpark.so" --include "$PWD/include" \
+        --work-dir "$PWD/build/libuv_suite"
+    done
+  fi
+fi

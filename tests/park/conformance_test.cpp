@@ -1,0 +1,273 @@
+// The Park contract (park/park.hpp, DESIGN.md "The chain"), checked once for
+// every layer and every way the chain is stacked. Each Stack type builds its
+// layers bottom-up and exposes the top one; a stack that cannot be built here
+// (no io_uring) makes its tests skip with the probe's reason.
+//
+// The contract allows a spurious early return from park(), so upper bounds are
+// asserted firmly and lower bounds only where these layers never wake
+// spuriously (see SeveralUnparksCollapseIntoOne).
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "epoll_bridge/epoll_reactor.hpp"
+#include "park/executor.hpp"
+#include "park/park.hpp"
+#include "park/timer.hpp"
+#include "test_util.hpp"
+#include "uring_driver/driver.hpp"
+// TODO(conformance): add FallbackDriver once epoll_bridge/fallback_driver.hpp
+// exists: a FallbackStack (EpollReactor + FallbackDriver(reactor, nullptr)),
+// plus TimerOver<FallbackStack> and ExecutorOver<FallbackStack> in Stacks.
+
+namespace ringpark::test {
+namespace {
+
+using detail::EpollReactor;
+using detail::Executor;
+using detail::Park;
+using detail::RingOptions;
+using detail::RingProbe;
+using detail::TimerLayer;
+using detail::UringDriver;
+using detail::Unparker;
+
+// ---- Stacks: one per instantiation -----------------------------------------
+
+struct EpollStack {
+  static std::string name() { return "Epoll"; }
+  std::string unavailable() const { return {}; }
+  Park& top() { return reactor; }
+
+  EpollReactor reactor;
+};
+
+struct UringStack {
+  static std::string name() { return "Uring"; }
+  UringStack() : driver(UringDriver::create(&reactor, RingOptions{}, &probe)) {}
+  std::string unavailable() const {
+    return driver ? std::string() : "io_uring is unavailable: " + probe.reason;
+  }
+  Park& top() { return *driver; }
+
+  // Declared bottom-up so they are destroyed top-down: the driver's destructor
+  // shuts the reactor down.
+  EpollReactor reactor;
+  RingProbe probe;
+  std::unique_ptr<UringDriver> driver;
+};
+
+template <class Below>
+struct TimerOver {
+  static std::string name() { return "TimerOver" + Below::name(); }
+  TimerOver() {
+    if (below.unavailable().empty()) timer.emplace(below.top());
+  }
+  std::string unavailable() const { return below.unavailable(); }
+  Park& top() { return *timer; }
+
+  Below below;
+  std::optional<TimerLayer> timer;
+};
+
+template <class Below>
+struct ExecutorOver {
+  static std::string name() { return "ExecutorOver" + TimerOver<Below>::name(); }
+  ExecutorOver() {
+    if (below.unavailable().empty()) executor.emplace(below.top());
+  }
+  std::string unavailable() const { return below.unavailable(); }
+  Park& top() { return *executor; }
+
+  TimerOver<Below> below;
+  std::optional<Executor> executor;
+};
+
+using Stacks = ::testing::Types<EpollStack, UringStack, TimerOver<EpollStack>,
+                                 TimerOver<UringStack>, ExecutorOver<EpollStack>,
+                                 ExecutorOver<UringStack>>;
+
+struct StackName {
+  template <class T>
+  static std::string GetName(int) {
+    return T::name();
+  }
+};
+
+// ---- Fixture ---------------------------------------------------------------
+
+// Generous bounds: sanitizers and a loaded CI machine are slow, and a layer
+// that breaks the contract misses them by far (it blocks forever, or spins).
+constexpr auto kAtOnce = 1s;
+constexpr auto kSlack = 2s;
+
+template <class Stack>
+class ParkConformance : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    stack_ = std::make_unique<Stack>();
+    if (std::string why = stack_->unavailable(); !why.empty()) GTEST_SKIP() << why;
+  }
+
+  Park& top() { return stack_->top(); }
+
+  std::unique_ptr<Stack> stack_;
+};
+
+TYPED_TEST_SUITE(ParkConformance, Stacks, StackName);
+
+// ---- Tests -----------------------------------------------------------------
+
+TYPED_TEST(ParkConformance, UnparkBeforeParkMakesParkReturnAtOnce) {
+  this->top().unparker().unpark();
+  Watchdog watchdog;
+  Stopwatch sw;
+  this->top().park(std::nullopt);
+  EXPECT_LT(sw.elapsed(), kAtOnce);
+}
+
+TYPED_TEST(ParkConformance, UnparkBeforeBoundedParkMakesItReturnAtOnce) {
+  this->top().unparker().unpark();
+  Stopwatch sw;
+  this->top().park(Duration(10s));
+  EXPECT_LT(sw.elapsed(), kAtOnce);
+}
+
+TYPED_TEST(ParkConformance, ZeroTimeoutParkReturnsAtOnce) {
+  Watchdog watchdog;
+  Stopwatch sw;
+  this->top().park(Duration::zero());
+  EXPECT_LT(sw.elapsed(), kAtOnce);
+}
+
+TYPED_TEST(ParkConformance, BoundedParkReturnsWithinTimeout) {
+  Watchdog watchdog;
+  Stopwatch sw;
+  this->top().park(Duration(50ms));
+  EXPECT_LT(sw.elapsed(), 50ms + kSlack);
+}
+
+TYPED_TEST(ParkConformance, BoundedParkDoesNotSpin) {
+  // Parking for what is left of 100 ms must actually wait: a layer that ignored
+  // its timeout and returned at once would need thousands of parks. A few
+  // spurious wakes are allowed.
+  Watchdog watchdog;
+  const auto deadline = std::chrono::steady_clock::now() + 100ms;
+  int parks = 0;
+  for (auto now = std::chrono::steady_clock::now(); now < deadline && parks < 1000;
+       now = std::chrono::steady_clock::now()) {
+    this->top().park(Duration(deadline - now));
+    ++parks;
+  }
+  EXPECT_LE(parks, 10);
+}
+
+TYPED_TEST(ParkConformance, UnparkFromAnotherThreadWakesPark) {
+  Unparker unparker = this->top().unparker();
+  std::atomic<bool> sent{false};
+  std::thread other([&] {
+    std::this_thread::sleep_for(50ms);
+    unparker.unpark();
+    sent = true;
+  });
+  {
+    Watchdog watchdog;
+    // A spurious return before the unpark is allowed: park again.
+    do {
+      this->top().park(std::nullopt);
+    } while (!sent);
+  }
+  other.join();
+}
+
+TYPED_TEST(ParkConformance, SeveralUnparksCollapseIntoOne) {
+  Unparker unparker = this->top().unparker();
+  unparker.unpark();
+  unparker.unpark();
+  unparker.unpark();
+  {
+    Watchdog watchdog;
+    this->top().park(std::nullopt);
+  }
+  // The contract would allow a spurious return here, but none of these layers
+  // wakes without cause, so a leftover unpark shows as a return well before
+  // the timeout.
+  Stopwatch sw;
+  this->top().park(Duration(200ms));
+  EXPECT_GE(sw.elapsed(), 100ms);
+  EXPECT_LT(sw.elapsed(), 200ms + kSlack);
+}
+
+TYPED_TEST(ParkConformance, TurnNeverBlocks) {
+  Watchdog watchdog;
+  Stopwatch sw;
+  this->top().turn();
+  this->top().turn();
+  EXPECT_LT(sw.elapsed(), 500ms);
+}
+
+TYPED_TEST(ParkConformance, TurnAfterUnparkDoesNotBlock) {
+  this->top().unparker().unpark();
+  Watchdog watchdog;
+  Stopwatch sw;
+  this->top().turn();
+  EXPECT_LT(sw.elapsed(), 500ms);
+}
+
+TYPED_TEST(ParkConformance, CopiedUnparkerWakesPark) {
+  Unparker original = this->top().unparker();
+  Unparker copy = original;
+  copy.unpark();
+  Watchdog watchdog;
+  Stopwatch sw;
+  this->top().park(std::nullopt);
+  EXPECT_LT(sw.elapsed(), kAtOnce);
+}
+
+TYPED_TEST(ParkConformance, UnparkerIsSafeAfterLayerIsDestroyed) {
+  Unparker original = this->top().unparker();
+  Unparker copy = original;
+  this->stack_.reset();
+  // The handle keeps the eventfd open: these write to it, not to a freed or
+  // reused fd (ASan or a closed-fd write would show).
+  original.unpark();
+  copy.unpark();
+  Unparker late_copy = copy;
+  late_copy.unpark();
+}
+
+TYPED_TEST(ParkConformance, UnparkerIsSafeAfterShutdown) {
+  Unparker unparker = this->top().unparker();
+  {
+    Watchdog watchdog(5s, "shutdown");
+    this->top().shutdown();
+  }
+  unparker.unpark();
+}
+
+TYPED_TEST(ParkConformance, ShutdownReturns) {
+  // Park once first so the layers have their internal operations in flight.
+  this->top().park(Duration::zero());
+  Watchdog watchdog(5s, "shutdown");
+  this->top().shutdown();
+}
+
+TYPED_TEST(ParkConformance, SecondShutdownIsHarmless) {
+  this->top().park(Duration::zero());
+  Watchdog watchdog(5s, "shutdown");
+  this->top().shutdown();
+  this->top().shutdown();
+}
+
+TYPED_TEST(ParkConformance, DestroyWithoutShutdownReturns) {
+  this->top().park(Duration::zero());
+  Watchdog watchdog(5s, "destructor");
+  this->stack_.reset();
+}
+
+}  // namespace
+}  // namespace ringpark::test

@@ -1,0 +1,455 @@
+#include "uring_driver/driver.hpp"
+
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+
+namespace ringpark::detail {
+
+namespace {
+
+// The io_uring opcode that runs each OpCode, for the support check.
+io_uring_op uring_opcode(OpCode code) noexcept {
+  switch (code) {
+    case OpCode::nop: return IORING_OP_NOP;
+    case OpCode::timeout: return IORING_OP_TIMEOUT;
+    case OpCode::poll:
+    case OpCode::poll_multishot: return IORING_OP_POLL_ADD;
+    case OpCode::read: return IORING_OP_READ;
+    case OpCode::write: return IORING_OP_WRITE;
+    case OpCode::readv: return IORING_OP_READV;
+    case OpCode::writev: return IORING_OP_WRITEV;
+    case OpCode::recv: return IORING_OP_RECV;
+    case OpCode::send: return IORING_OP_SEND;
+    case OpCode::accept:
+    case OpCode::accept_multishot: return IORING_OP_ACCEPT;
+    case OpCode::connect: return IORING_OP_CONNECT;
+    case OpCode::shutdown: return IORING_OP_SHUTDOWN;
+    case OpCode::close: return IORING_OP_CLOSE;
+    case OpCode::cancel: return IORING_OP_ASYNC_CANCEL;
+    case OpCode::openat: return IORING_OP_OPENAT;
+    case OpCode::statx: return IORING_OP_STATX;
+    case OpCode::fsync:
+    case OpCode::fdatasync: return IORING_OP_FSYNC;
+    case OpCode::unlinkat: return IORING_OP_UNLINKAT;
+    case OpCode::renameat: return IORING_OP_RENAMEAT;
+    case OpCode::mkdirat: return IORING_OP_MKDIRAT;
+  }
+  return IORING_OP_LAST;
+}
+
+bool is_multishot(OpCode code) noexcept {
+  return code == OpCode::poll_multishot || code == OpCode::accept_multishot;
+}
+
+__kernel_timespec to_timespec(Duration d) noexcept {
+  if (d < Duration::zero()) d = Duration::zero();
+  auto secs = std::chrono::duration_cast<std::chrono::seconds>(d);
+  return {static_cast<long long>(secs.count()), static_cast<long long>((d - secs).count())};
+}
+
+}  // namespace
+
+static_assert(sizeof(Op{}.ts_) == sizeof(__kernel_timespec),
+              "Op::ts_ must have the kernel's timespec layout");
+
+std::unique_ptr<UringDriver> UringDriver::create(Reactor* inner, const RingOptions& options,
+                                                 RingProbe* probe) noexcept {
+  try {
+    auto driver = std::unique_ptr<UringDriver>(new UringDriver(inner, *probe));
+    if (setup_ring(&driver->ring_, options, probe) != 0) {
+      driver->closed_ = true;  // no ring to tear down
+      return nullptr;
+    }
+    driver->probe_ = *probe;
+    return driver;
+  } catch (const std::exception& e) {
+    probe->error = -ENOMEM;
+    probe->reason = e.what();
+    return nullptr;
+  }
+}
+
+UringDriver::UringDriver(Reactor* inner, const RingProbe& probe)
+    : probe_(probe), inner_(inner), wake_(std::make_shared<WakeFd>(/*nonblocking=*/false)) {
+  wake_op_.code = OpCode::read;
+  wake_op_.fd = wake_->fd();
+  wake_op_.buf = &wake_buf_;
+  wake_op_.len = sizeof wake_buf_;
+  wake_op_.offset = 0;
+  wake_op_.complete = &UringDriver::on_wake;
+  wake_op_.data = this;
+
+  reactor_op_.code = OpCode::poll;
+  reactor_op_.flags = POLLIN;
+  reactor_op_.complete = &UringDriver::on_reactor_ready;
+  reactor_op_.data = this;
+}
+
+UringDriver::~UringDriver() {
+  if (!closed_) shutdown();
+}
+
+void UringDriver::track(Op* op) noexcept {
+  op->state = Op::State::in_flight;
+  op->prev_ = nullptr;
+  op->next_ = in_flight_head_;
+  if (in_flight_head_) in_flight_head_->prev_ = op;
+  in_flight_head_ = op;
+  if (op != &wake_op_ && op != &reactor_op_) ++user_in_flight_;
+}
+
+void UringDriver::untrack(Op* op) noexcept {
+  if (op->prev_) {
+    op->prev_->next_ = op->next_;
+  } else {
+    in_flight_head_ = op->next_;
+  }
+  if (op->next_) op->next_->prev_ = op->prev_;
+  op->next_ = op->prev_ = nullptr;
+  op->state = Op::State::idle;
+  if (op != &wake_op_ && op != &reactor_op_) --user_in_flight_;
+}
+
+io_uring_sqe* UringDriver::get_sqe() noexcept {
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  while (sqe == nullptr) {
+    // SQ full: hand what is queued to the kernel and retry; never drop.
+    ++stats_.enters;
+    int r = io_uring_submit(&ring_);
+    if (r > 0) stats_.sqes_submitted += static_cast<unsigned>(r);
+    if (r == -EBUSY || r == -EAGAIN) {
+      // The CQ is backed up: move its entries aside (dispatched by the next
+      // reap, never inside submit) so the kernel can take SQEs again.
+      std::size_t taken = take_cqes(deferred_);
+      if (taken == 0 && io_uring_cq_has_overflow(&ring_)) {
+        ++stats_.enters;
+        io_uring_get_events(&ring_);
+      }
+    }
+    sqe = io_uring_get_sqe(&ring_);
+  }
+  return sqe;
+}
+
+void UringDriver::prepare(io_uring_sqe* sqe, Op* op) noexcept {
+  // Every pointer below stays valid until the op's final CQE: the op is pinned
+  // and its owner keeps what it points at alive until then (see op.hpp).
+  const auto off = static_cast<__u64>(op->offset);
+  switch (op->code) {
+    case OpCode::nop:
+      io_uring_prep_nop(sqe);
+      break;
+    case OpCode::timeout: {
+      auto ts = to_timespec(Duration(op->timeout_ns));
+      op->ts_ = {ts.tv_sec, ts.tv_nsec};
+      io_uring_prep_timeout(sqe, reinterpret_cast<__kernel_timespec*>(&op->ts_), 0, 0);
+      break;
+    }
+    case OpCode::poll:
+      io_uring_prep_poll_add(sqe, op->fd, static_cast<unsigned>(op->flags));
+      break;
+    case OpCode::poll_multishot:
+      io_uring_prep_poll_multishot(sqe, op->fd, static_cast<unsigned>(op->flags));
+      break;
+    case OpCode::read:
+      io_uring_prep_read(sqe, op->fd, op->buf, op->len, off);
+      break;
+    case OpCode::write:
+      io_uring_prep_write(sqe, op->fd, op->buf, op->len, off);
+      break;
+    case OpCode::readv:
+      io_uring_prep_readv(sqe, op->fd, static_cast<const iovec*>(op->buf), op->len, off);
+      break;
+    case OpCode::writev:
+      io_uring_prep_writev(sqe, op->fd, static_cast<const iovec*>(op->buf), op->len, off);
+      break;
+    case OpCode::recv:
+      io_uring_prep_recv(sqe, op->fd, op->buf, op->len, op->flags);
+      break;
+    case OpCode::send:
+      io_uring_prep_send(sqe, op->fd, op->buf, op->len, op->flags);
+      break;
+    case OpCode::accept:
+      io_uring_prep_accept(sqe, op->fd, op->addr, reinterpret_cast<socklen_t*>(op->addrlen),
+                           op->flags);
+      break;
+    case OpCode::accept_multishot:
+      io_uring_prep_multishot_accept(sqe, op->fd, op->addr,
+                                     reinterpret_cast<socklen_t*>(op->addrlen), op->flags);
+      break;
+    case OpCode::connect:
+      io_uring_prep_connect(sqe, op->fd, op->addr, op->len);
+      break;
+    case OpCode::shutdown:
+      io_uring_prep_shutdown(sqe, op->fd, op->flags);
+      break;
+    case OpCode::close:
+      io_uring_prep_close(sqe, op->fd);
+      break;
+    case OpCode::cancel:
+      io_uring_prep_cancel64(sqe, reinterpret_cast<__u64>(op->target), 0);
+      break;
+    case OpCode::openat:
+      io_uring_prep_openat(sqe, op->dfd, op->path, op->flags, op->mode);
+      break;
+    case OpCode::statx:
+      io_uring_prep_statx(sqe, op->dfd, op->path, op->flags, op->len, op->statxbuf);
+      break;
+    case OpCode::fsync:
+      io_uring_prep_fsync(sqe, op->fd, 0);
+      break;
+    case OpCode::fdatasync:
+      io_uring_prep_fsync(sqe, op->fd, IORING_FSYNC_DATASYNC);
+      break;
+    case OpCode::unlinkat:
+      io_uring_prep_unlinkat(sqe, op->dfd, op->path, op->flags);
+      break;
+    case OpCode::renameat:
+      io_uring_prep_renameat(sqe, op->dfd, op->path, op->dfd, op->path2,
+                             static_cast<unsigned>(op->flags));
+      break;
+    case OpCode::mkdirat:
+      io_uring_prep_mkdirat(sqe, op->dfd, op->path, op->mode);
+      break;
+  }
+  io_uring_sqe_set_data(sqe, op);
+}
+
+void UringDriver::complete_later(Op* op, int res) noexcept {
+  track(op);
+  try {
+    deferred_.push_back({reinterpret_cast<std::uint64_t>(op), res, 0});
+  } catch (...) {
+    std::fprintf(stderr, "ringpark: out of memory queueing a completion\n");
+    std::abort();
+  }
+}
+
+void UringDriver::submit(Op* op) noexcept {
+  if (op->state != Op::State::idle) {
+    std::fprintf(stderr, "ringpark: op %p submitted while still in flight\n",
+                 static_cast<void*>(op));
+    std::abort();
+  }
+  if (closed_) {
+    // The ring is gone, so there is no later turn to complete it in.
+    op->complete(op, -ECANCELED, 0);
+    return;
+  }
+  if (shutting_down_) return complete_later(op, -ECANCELED);
+  if (!probe_.has(uring_opcode(op->code))) return complete_later(op, -EOPNOTSUPP);
+  prepare(get_sqe(), op);
+  track(op);
+}
+
+void UringDriver::cancel(Op* op) noexcept {
+  if (op->state != Op::State::in_flight || closed_) return;
+  op->state = Op::State::cancelling;
+  io_uring_sqe* sqe = get_sqe();
+  io_uring_prep_cancel64(sqe, reinterpret_cast<__u64>(op), 0);
+  io_uring_sqe_set_data64(sqe, 0);  // its own CQE says nothing we need
+}
+
+void UringDriver::arm_internal() noexcept {
+  if (shutting_down_) return;
+  if (wake_op_.state == Op::State::idle) {
+    prepare(get_sqe(), &wake_op_);
+    track(&wake_op_);
+  }
+  if (inner_ == nullptr) return;
+  int fd = inner_->fd();
+  if (reactor_op_.state == Op::State::idle) {
+    if (fd >= 0) {
+      reactor_op_.fd = reactor_fd_ = fd;
+      prepare(get_sqe(), &reactor_op_);
+      track(&reactor_op_);
+    }
+  } else if (fd != reactor_fd_ && reactor_op_.state == Op::State::in_flight) {
+    // The reactor's fd changed (uv_loop_fork): drop the old poll; the next park
+    // arms one on the new fd.
+    cancel(&reactor_op_);
+  }
+}
+
+int UringDriver::enter(Timeout timeout) noexcept {
+  const unsigned queued = io_uring_sq_ready(&ring_);
+  const bool defer = probe_.setup_flags & IORING_SETUP_DEFER_TASKRUN;
+  const bool ready = !deferred_.empty() || io_uring_cq_ready(&ring_) > 0;
+  int r = 0;
+  if ((timeout && *timeout <= Duration::zero()) || ready) {
+    // Must not block. With DEFER_TASKRUN completions are only posted inside an
+    // enter, so even a pure reap needs one.
+    if (queued > 0) {
+      ++stats_.enters;
+      r = defer ? io_uring_submit_and_get_events(&ring_) : io_uring_submit(&ring_);
+    } else if (defer || io_uring_cq_has_overflow(&ring_)) {
+      ++stats_.enters;
+      r = io_uring_get_events(&ring_);
+    }
+  } else {
+    io_uring_cqe* cqe = nullptr;
+    __kernel_timespec ts{};
+    if (timeout) ts = to_timespec(*timeout);
+    ++stats_.enters;
+    r = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, timeout ? &ts : nullptr, nullptr);
+  }
+  stats_.sqes_submitted += queued - io_uring_sq_ready(&ring_);
+  // -ETIME (timeout) and -EINTR (a signal) are ordinary wakes; anything else is
+  // reported to the caller, which treats it as a spurious wake too.
+  return r < 0 && r != -ETIME && r != -EINTR ? r : 0;
+}
+
+std::size_t UringDriver::take_cqes(std::vector<Cqe>& out) noexcept {
+  unsigned head;
+  unsigned n = 0;
+  io_uring_cqe* cqe;
+  try {
+    io_uring_for_each_cqe(&ring_, head, cqe) {
+      out.push_back({cqe->user_data, cqe->res, cqe->flags});
+      ++n;
+    }
+  } catch (...) {
+    std::fprintf(stderr, "ringpark: out of memory holding completions\n");
+    std::abort();
+  }
+  io_uring_cq_advance(&ring_, n);
+  stats_.cqes_reaped += n;
+  return n;
+}
+
+std::size_t UringDriver::reap() noexcept {
+  std::size_t total = 0;
+  if (!deferred_.empty()) {
+    std::vector<Cqe> pending;
+    pending.swap(deferred_);
+    for (const Cqe& c : pending) dispatch(c);
+    total += pending.size();
+  }
+  for (;;) {
+    // Copy a batch out and release the ring slots before running completions,
+    // so a completion that re-enters the driver sees a consistent ring. The
+    // batch lives on the stack for the same reason.
+    Cqe local[64];
+    unsigned head;
+    unsigned n = 0;
+    io_uring_cqe* cqe;
+    io_uring_for_each_cqe(&ring_, head, cqe) {
+      local[n++] = {cqe->user_data, cqe->res, cqe->flags};
+      if (n == 64) break;
+    }
+    if (n == 0) {
+      if (!io_uring_cq_has_overflow(&ring_)) break;
+      // Completions the CQ could not hold wait in the kernel; flush them in.
+      ++stats_.enters;
+      io_uring_get_events(&ring_);
+      continue;
+    }
+    io_uring_cq_advance(&ring_, n);
+    stats_.cqes_reaped += n;
+    total += n;
+    for (unsigned i = 0; i < n; ++i) dispatch(local[i]);
+  }
+  return total;
+}
+
+void UringDriver::dispatch(const Cqe& cqe) noexcept {
+  if (cqe.user_data == 0 || cqe.user_data == LIBURING_UDATA_TIMEOUT) return;
+  Op* op = reinterpret_cast<Op*>(cqe.user_data);
+  if (op->state == Op::State::idle) {
+    std::fprintf(stderr, "ringpark: CQE for op %p that is not in flight (res %d)\n",
+                 static_cast<void*>(op), cqe.res);
+    std::abort();
+  }
+  bool more = cqe.flags & IORING_CQE_F_MORE;
+  if (!more && is_multishot(op->code) && cqe.res >= 0 && op->state == Op::State::in_flight &&
+      !shutting_down_) {
+    // The kernel ended a multishot op that nobody cancelled (CQ pressure, or a
+    // kernel that only does one shot): re-arm it so the owner sees no gap.
+    prepare(get_sqe(), op);
+    more = true;
+  }
+  if (!more) untrack(op);
+  op->complete(op, cqe.res, more ? kMore : 0);
+}
+
+void UringDriver::on_wake(Op*, int, std::uint32_t) noexcept {
+  // Nothing to do: the wake already ended the park. arm_internal() re-arms.
+}
+
+void UringDriver::on_reactor_ready(Op* op, int res, std::uint32_t) noexcept {
+  auto* self = static_cast<UringDriver*>(op->data);
+  if (res != -ECANCELED) self->reactor_ready_ = true;
+}
+
+void UringDriver::park(Timeout timeout) noexcept {
+  if (closed_) return;
+  ++stats_.turns;
+  arm_internal();
+  const Timeout inner_timeout = inner_ ? inner_->timeout() : std::nullopt;
+  const auto start = inner_timeout ? std::chrono::steady_clock::now()
+                                   : std::chrono::steady_clock::time_point{};
+  enter(min_timeout(timeout, inner_timeout));
+  reap();
+  const bool inner_due =
+      inner_timeout && std::chrono::steady_clock::now() - start >= *inner_timeout;
+  if (inner_ && (reactor_ready_ || inner_due)) {
+    reactor_ready_ = false;
+    inner_->turn();
+  }
+}
+
+void UringDriver::turn() noexcept {
+  if (closed_) return;
+  ++stats_.turns;
+  arm_internal();
+  enter(Duration::zero());
+  reap();
+  if (inner_ && reactor_ready_) {
+    reactor_ready_ = false;
+    inner_->turn();
+  }
+}
+
+void UringDriver::flush() noexcept {
+  if (closed_) return;
+  const unsigned queued = io_uring_sq_ready(&ring_);
+  if (queued == 0) return;
+  ++stats_.enters;
+  io_uring_submit(&ring_);
+  stats_.sqes_submitted += queued - io_uring_sq_ready(&ring_);
+}
+
+bool UringDriver::has_cqes() const noexcept {
+  return !deferred_.empty() || io_uring_cq_ready(&ring_) > 0 || io_uring_cq_has_overflow(&ring_);
+}
+
+int UringDriver::register_eventfd(int fd) noexcept {
+  return io_uring_register_eventfd(&ring_, fd);
+}
+
+void UringDriver::set_eventfd_enabled(bool enabled) noexcept {
+  io_uring_cq_eventfd_toggle(&ring_, enabled);
+}
+
+void UringDriver::shutdown() noexcept {
+  if (closed_) return;
+  shutting_down_ = true;
+  while (in_flight_head_ != nullptr || !deferred_.empty()) {
+    // Completions run here, with -ECANCELED for what was cancelled; ops they
+    // submit complete with -ECANCELED too. A cancel can lose the race with an op
+    // the kernel is already running; its CQE still comes, so wait for it.
+    for (Op* op = in_flight_head_; op != nullptr; op = op->next_) cancel(op);
+    enter(deferred_.empty() ? Timeout{} : Timeout(Duration::zero()));
+    reap();
+  }
+  if (inner_) inner_->shutdown();
+  io_uring_queue_exit(&ring_);
+  closed_ = true;
+}
+
+}  // namespace ringpark::detail

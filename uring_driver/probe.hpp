@@ -1,0 +1,39 @@
+// The one place that decides what the kernel's io_uring can do: by trying
+// io_uring_setup with the optional flags (dropping each on EINVAL) and asking
+// the opcode probe, never by reading the kernel version.
+#pragma once
+
+#include <liburing.h>
+
+#include <bitset>
+#include <string>
+
+namespace ringpark::detail {
+
+struct RingOptions {
+  unsigned entries = 256;
+  // SINGLE_ISSUER + DEFER_TASKRUN: completions are only processed when this
+  // thread enters the ring. Only for rings that are never waited on through an
+  // eventfd from another poller (libuv's epoll), since deferred work is not run
+  // until the owner enters.
+  bool defer_taskrun = false;
+};
+
+struct RingProbe {
+  int error = 0;       // 0, or the negative errno that made the ring unusable
+  std::string reason;  // why the ring is unusable, e.g. "io_uring_setup: EPERM"
+  unsigned setup_flags = 0;
+  unsigned features = 0;
+  std::bitset<IORING_OP_LAST> ops;
+
+  bool has(io_uring_op op) const noexcept { return ops.test(op); }
+};
+
+// Sets up `ring` with the best flags the kernel accepts. On failure the ring is
+// left uninitialised and probe->error/reason say why. Never throws.
+int setup_ring(io_uring* ring, const RingOptions& options, RingProbe* probe) noexcept;
+
+// "EPERM" for EPERM: errno names for the messages users read.
+const char* errno_name(int err) noexcept;
+
+}  // namespace ringpark::detail
