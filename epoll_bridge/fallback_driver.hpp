@@ -22,8 +22,6 @@
 //   driver's back and reusing the number is not supported.
 #pragma once
 
-#include <sys/uio.h>
-
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -94,6 +92,7 @@ class FallbackDriver final : public Park, public IoBackend {
   Timeout next_timeout() const noexcept;
 
   const FallbackStats& stats() const noexcept { return stats_; }
+  // The pool that runs file ops, for tests and diagnostics.
   const ThreadPool& pool() const noexcept { return pool_; }
 
  private:
@@ -106,7 +105,7 @@ class FallbackDriver final : public Park, public IoBackend {
     timer,       // in heap_
     parked,      // waiting for something that cannot be reported; only cancel ends it
     pool,        // a pool job, queued or running
-    completing,  // its final completion is in ready_ (or in the pool's done list)
+    completing,  // its final completion is queued (ready_, or a batch being dispatched)
   };
 
   // How a read or write on a pollable fd avoids blocking.
@@ -127,12 +126,12 @@ class FallbackDriver final : public Park, public IoBackend {
     std::uint32_t events = 0;   // epoll interest while waiting
     Record* fd_prev = nullptr;  // FdState list links
     Record* fd_next = nullptr;
-    std::size_t done = 0;          // MSG_WAITALL progress of a recv or send
-    TimePoint deadline{};          // timeout
-    std::size_t heap_index = 0;    // timeout
-    std::uint64_t seq = 0;         // timeout: orders equal deadlines
-    ThreadPool::Job job;           // pool ops; data points back here
-    int res = 0;                   // pool ops: the result, written by the pool thread
+    std::size_t done = 0;        // MSG_WAITALL progress of a recv or send
+    TimePoint deadline{};        // timeout
+    std::size_t heap_index = 0;  // timeout
+    std::uint64_t seq = 0;       // timeout: orders equal deadlines
+    ThreadPool::Job job;         // pool ops; data points back here
+    int res = 0;                 // pool ops: the result, written by the pool thread
   };
 
   // Every op waiting on one fd, and the one epoll registration they share.
@@ -174,6 +173,7 @@ class FallbackDriver final : public Park, public IoBackend {
   void sync_fd(int fd) noexcept;
   void cannot_wait(Record& r, int err) noexcept;
   void sync_inner() noexcept;
+  void turn_inner(bool due) noexcept;
 
   void arm_timer(Record& r) noexcept;
   void fire_due() noexcept;
@@ -218,14 +218,14 @@ class FallbackDriver final : public Park, public IoBackend {
 
   ThreadPool pool_;
   std::mutex done_mutex_;
-  std::vector<Record*> done_;  // finished pool jobs; guarded by done_mutex_
+  std::vector<Record*> done_;              // finished pool jobs; guarded by done_mutex_
+  std::vector<Record*> done_batch_;        // loop thread: done_ swapped out to be finished
   std::atomic<bool> done_pending_{false};  // set with done_ non-empty
 
   EpollReactor::Watcher inner_watcher_;
   int inner_fd_ = -1;  // the fd inner_watcher_ was set up for
   bool inner_ready_ = false;
 
-  std::vector<iovec> clamp_iov_;  // scratch for a write clamped to PIPE_BUF
   bool shutting_down_ = false;
   bool closed_ = false;
   FallbackStats stats_;

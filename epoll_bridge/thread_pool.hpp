@@ -74,8 +74,8 @@ class ThreadPool {
   std::condition_variable idle_cv_;  // the pool went idle
   Job* head_ = nullptr;              // FIFO; guarded by mutex_
   Job* tail_ = nullptr;
-  std::size_t running_ = 0;  // guarded by mutex_
-  bool stopping_ = false;    // guarded by mutex_
+  std::size_t running_ = 0;           // guarded by mutex_
+  bool stopping_ = false;             // guarded by mutex_
   std::vector<std::thread> threads_;  // owner thread only
 };
 

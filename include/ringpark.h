@@ -24,7 +24,7 @@ typedef struct rp_stats_s {
   uint64_t turns;          /* loop iterations ringpark took part in */
   uint64_t enters;         /* io_uring_enter calls (epoll_wait calls on the fallback) */
   uint64_t sqes_submitted; /* SQEs handed to the kernel (0 on the fallback) */
-  uint64_t cqes_reaped;    /* completions taken off the ring */
+  uint64_t cqes_reaped;    /* CQEs taken off the ring (0 on the fallback) */
 } rp_stats_t;
 
 /* A drop-in replacement for uv_run(loop, mode): same modes, same return value
@@ -50,6 +50,38 @@ const char* rp_backend(uv_loop_t* loop);
  * requests or ringpark operations are still active. A program that calls plain
  * uv_loop_close instead works, but keeps a ring's worth of memory per loop. */
 int rp_loop_close(uv_loop_t* loop);
+
+/* ---- Files on uv_fs_t, through the ring ------------------------------------
+ *
+ * Each has exactly the signature of its uv_fs_* twin and fills the same
+ * uv_fs_t fields for the callback (result, ptr/statbuf, path, fs_type), so a
+ * libuv program migrates by renaming; uv_fs_req_cleanup(req) is safe after the
+ * callback. With cb == NULL the call runs synchronously, as libuv's does (it is
+ * libuv's own synchronous call). Operations the running kernel's io_uring lacks,
+ * and every operation on the epoll fallback, run as libuv's own uv_fs_* call on
+ * libuv's thread pool, with the same results. Differences from libuv:
+ *  - uv_cancel(req) returns UV_EBUSY once the operation is in the ring (libuv
+ *    also returns UV_EBUSY for work its pool has started);
+ *  - req->path is copied with malloc(): a program that replaced libuv's
+ *    allocator with uv_replace_allocator must not use these with paths. */
+int rp_fs_open(uv_loop_t* loop, uv_fs_t* req, const char* path, int flags, int mode,
+               uv_fs_cb cb);
+int rp_fs_close(uv_loop_t* loop, uv_fs_t* req, uv_file file, uv_fs_cb cb);
+int rp_fs_read(uv_loop_t* loop, uv_fs_t* req, uv_file file, const uv_buf_t bufs[],
+               unsigned int nbufs, int64_t offset, uv_fs_cb cb);
+int rp_fs_write(uv_loop_t* loop, uv_fs_t* req, uv_file file, const uv_buf_t bufs[],
+                unsigned int nbufs, int64_t offset, uv_fs_cb cb);
+int rp_fs_fsync(uv_loop_t* loop, uv_fs_t* req, uv_file file, uv_fs_cb cb);
+int rp_fs_fdatasync(uv_loop_t* loop, uv_fs_t* req, uv_file file, uv_fs_cb cb);
+int rp_fs_stat(uv_loop_t* loop, uv_fs_t* req, const char* path, uv_fs_cb cb);
+int rp_fs_fstat(uv_loop_t* loop, uv_fs_t* req, uv_file file, uv_fs_cb cb);
+int rp_fs_lstat(uv_loop_t* loop, uv_fs_t* req, const char* path, uv_fs_cb cb);
+int rp_fs_unlink(uv_loop_t* loop, uv_fs_t* req, const char* path, uv_fs_cb cb);
+int rp_fs_rename(uv_loop_t* loop, uv_fs_t* req, const char* path, const char* new_path,
+                 uv_fs_cb cb);
+int rp_fs_mkdir(uv_loop_t* loop, uv_fs_t* req, const char* path, int mode, uv_fs_cb cb);
+int rp_fs_ftruncate(uv_loop_t* loop, uv_fs_t* req, uv_file file, int64_t offset,
+                    uv_fs_cb cb);
 
 #ifdef __cplusplus
 }

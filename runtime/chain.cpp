@@ -74,8 +74,7 @@ ChainStats Chain::stats() const noexcept {
   } else {
     const FallbackStats& f = fallback_->stats();
     s.turns = f.turns;
-    s.enters = epoll_->waits();
-    s.cqes_reaped = f.completions;
+    s.enters = f.waits;
   }
   return s;
 }

@@ -30,5 +30,7 @@ __attribute__((constructor)) static void ringpark_preload_init() {
 
 extern "C" __attribute__((visibility("default"))) int uv_run(uv_loop_t* loop,
                                                              uv_run_mode mode) {
+  // A uv_run from another library's constructor may come before ours ran.
+  ringpark::detail::set_real_uv_run(next_uv_run());
   return rp_uv_run(loop, mode);
 }

@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <unordered_map>
@@ -69,6 +71,12 @@ LoopContext* LoopContext::get(uv_loop_t* loop) noexcept {
 }
 
 LoopContext::LoopContext(uv_loop_t* loop) : loop_(loop), pid_(::getpid()) {
+  // RINGPARK_SLEEP=ring: sleep in the ring on every turn that may block, even
+  // with nothing of ringpark's in flight (to measure it, and so that libuv's
+  // test suite can exercise that path); the default sleeps there only when
+  // ringpark is busy.
+  const char* sleep = std::getenv("RINGPARK_SLEEP");
+  always_ring_ = sleep != nullptr && std::strcmp(sleep, "ring") == 0;
   auto reactor =
       std::make_unique<UvReactor>(loop, UvReactor::TurnMode::mark_ready, real_uv_run());
   reactor_ = reactor.get();
@@ -142,9 +150,15 @@ void LoopContext::before_libuv_sleeps() noexcept {
       (void)!::write(eventfd_, &one, sizeof one);
     }
   }
+  Timeout next = chain_->timers().next_timeout();
+  if (FallbackDriver* fallback = chain_->fallback()) {
+    // Completions the fallback has queued do not show on its epoll fd.
+    if (fallback->has_work()) chain_->top().unparker().unpark();
+    next = min_timeout(next, fallback->next_timeout());
+  }
   if (chain_->executor().has_work()) chain_->top().unparker().unpark();
 
-  if (Timeout next = chain_->timers().next_timeout()) {
+  if (next) {
     auto ms = std::chrono::ceil<std::chrono::milliseconds>(*next).count();
     uv_timer_start(&deadline_, &LoopContext::on_deadline, static_cast<std::uint64_t>(ms), 0);
   } else {
@@ -177,7 +191,7 @@ void LoopContext::sleep_in_ring() noexcept {
     // wait and "turns" the reactor (marks it ready) when libuv's epoll fd is
     // readable or libuv's next timer is due.
     chain_->top().park(std::nullopt);
-    if (reactor_->ready() || !busy()) break;
+    if (reactor_->ready() || !(busy() || always_ring_)) break;
     // Completions ran and more are awaited: sleep again, measuring libuv's
     // timeout from the time that has passed since.
     uv_update_time(loop_);
@@ -191,7 +205,7 @@ void LoopContext::on_prepare(uv_prepare_t* handle) {
   // sleeps and our epoll fd wakes it.
   const bool may_sleep = self->chain_->uring() && self->running_ && (self->mode_ == UV_RUN_DEFAULT ||
                                             (self->mode_ == UV_RUN_ONCE && self->may_block_));
-  if (self->busy()) {
+  if (self->busy() || (may_sleep && self->always_ring_)) {
     if (may_sleep) {
       self->sleep_in_ring();
     } else {

@@ -46,6 +46,10 @@ class LoopContext {
   // Everything that must happen before libuv may sleep on its own: submit what
   // is queued, make sure pending completions wake it, carry the next deadline.
   void before_libuv_sleeps() noexcept;
+  // References the hidden wake handle while busy(), so that uv_run keeps going
+  // (and returns non-zero) while ringpark operations are in flight. Call after
+  // starting an operation from outside the loop's own callbacks.
+  void update_ref() noexcept;
 
  private:
   explicit LoopContext(uv_loop_t* loop);
@@ -54,7 +58,6 @@ class LoopContext {
   void start_handles() noexcept;
   void stop_handles() noexcept;
   void sleep_in_ring() noexcept;
-  void update_ref() noexcept;
 
   static void on_prepare(uv_prepare_t* handle);
   static void on_wake(uv_poll_t* handle, int status, int events);
@@ -72,6 +75,7 @@ class LoopContext {
   uv_run_mode mode_ = UV_RUN_DEFAULT;
   bool may_block_ = true;
   bool referenced_ = false;
+  bool always_ring_ = false;  // RINGPARK_SLEEP=ring
   std::uint64_t turns_ = 0;
 };
 

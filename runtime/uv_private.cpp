@@ -4,6 +4,9 @@
 // stable across 1.x; the build refuses any other major version.
 #include "runtime/uv_private.hpp"
 
+#include <cstdlib>
+#include <cstring>
+
 #if UV_VERSION_MAJOR != 1
 #error "ringpark reads libuv 1.x private fields; check runtime/uv_private.cpp for this version"
 #endif
@@ -54,5 +57,51 @@ bool once_may_block(const uv_loop_t* loop) noexcept {
   const void* idle = &loop->idle_handles;
   return loop->pending_queue[0] == pending && loop->idle_handles[0] == idle;
 }
+
+void fs_init(uv_fs_t* req, uv_loop_t* loop, uv_fs_type type, uv_fs_cb cb) noexcept {
+  req->type = UV_FS;
+  req->fs_type = type;
+  req->result = 0;
+  req->ptr = nullptr;
+  req->loop = loop;
+  req->path = nullptr;
+  req->new_path = nullptr;
+  req->bufs = nullptr;
+  req->nbufs = 0;
+  req->cb = cb;
+  // uv_cancel takes w->loop->wq_mutex and reports "running" for a work item
+  // whose queue link is empty.
+  req->work_req.loop = loop;
+  req->work_req.work = nullptr;
+  req->work_req.done = nullptr;
+  req->work_req.wq[0] = req->work_req.wq;
+  req->work_req.wq[1] = req->work_req.wq;
+}
+
+int fs_copy_paths(uv_fs_t* req, const char* path, const char* new_path) noexcept {
+  // libuv frees req->path with its allocator (malloc unless the program called
+  // uv_replace_allocator), and new_path with it, since both share one block.
+  std::size_t len = std::strlen(path) + 1;
+  std::size_t new_len = new_path ? std::strlen(new_path) + 1 : 0;
+  char* block = static_cast<char*>(std::malloc(len + new_len));
+  if (block == nullptr) return UV_ENOMEM;
+  std::memcpy(block, path, len);
+  req->path = block;
+  if (new_path) {
+    std::memcpy(block + len, new_path, new_len);
+    req->new_path = block + len;
+  }
+  return 0;
+}
+
+void fs_set_args(uv_fs_t* req, uv_file file, int flags, int mode, std::int64_t offset) noexcept {
+  req->file = file;
+  req->flags = flags;
+  req->mode = static_cast<mode_t>(mode);
+  req->off = static_cast<off_t>(offset);
+}
+
+void req_register(uv_loop_t* loop) noexcept { ++loop->active_reqs.count; }
+void req_unregister(uv_loop_t* loop) noexcept { --loop->active_reqs.count; }
 
 }  // namespace ringpark::detail::uv_private

@@ -5,6 +5,8 @@
 
 #include <uv.h>
 
+#include <cstdint>
+
 namespace ringpark::detail::uv_private {
 
 // Hides a handle of ours from uv_walk, and from uv_loop_close's "handles still
@@ -22,5 +24,21 @@ bool still_linked(const uv_loop_t* loop, const uv_handle_t* handle) noexcept;
 // What uv_run(UV_RUN_ONCE) checks before deciding that it may block: no pending
 // callbacks and no idle handles.
 bool once_may_block(const uv_loop_t* loop) noexcept;
+
+// Fills `req` as libuv's uv_fs_* functions do before they queue work: type,
+// fs_type, loop, cb, result 0, ptr/path/new_path/bufs null, and the thread-pool
+// link made inert so that uv_cancel(req) answers UV_EBUSY (an operation already
+// running) instead of touching a work queue the request is not on.
+void fs_init(uv_fs_t* req, uv_loop_t* loop, uv_fs_type type, uv_fs_cb cb) noexcept;
+// Gives `req` libuv-owned copies of its paths (freed by uv_fs_req_cleanup, as
+// libuv frees them: with the allocator libuv uses, one block for both paths).
+// Returns 0 or UV_ENOMEM.
+int fs_copy_paths(uv_fs_t* req, const char* path, const char* new_path) noexcept;
+// The private fields libuv leaves set on a request (file, flags, mode, offset).
+void fs_set_args(uv_fs_t* req, uv_file file, int flags, int mode, std::int64_t offset) noexcept;
+// Counts `req` as an active request of its loop, as libuv does for its own fs
+// requests, so uv_loop_alive and uv_run's return value account for it.
+void req_register(uv_loop_t* loop) noexcept;
+void req_unregister(uv_loop_t* loop) noexcept;
 
 }  // namespace ringpark::detail::uv_private

@@ -12,8 +12,12 @@ namespace ringpark::detail {
 
 namespace {
 
+// Newer than liburing 2.3's header (Linux 6.9); the probe says whether the
+// running kernel has it.
+constexpr unsigned kOpFtruncate = 55;
+
 // The io_uring opcode that runs each OpCode, for the support check.
-io_uring_op uring_opcode(OpCode code) noexcept {
+unsigned uring_opcode(OpCode code) noexcept {
   switch (code) {
     case OpCode::nop: return IORING_OP_NOP;
     case OpCode::timeout: return IORING_OP_TIMEOUT;
@@ -38,8 +42,9 @@ io_uring_op uring_opcode(OpCode code) noexcept {
     case OpCode::unlinkat: return IORING_OP_UNLINKAT;
     case OpCode::renameat: return IORING_OP_RENAMEAT;
     case OpCode::mkdirat: return IORING_OP_MKDIRAT;
+    case OpCode::ftruncate: return kOpFtruncate;
   }
-  return IORING_OP_LAST;
+  return 255;
 }
 
 bool is_multishot(OpCode code) noexcept {
@@ -216,6 +221,9 @@ void UringDriver::prepare(io_uring_sqe* sqe, Op* op) noexcept {
     case OpCode::mkdirat:
       io_uring_prep_mkdirat(sqe, op->dfd, op->path, op->mode);
       break;
+    case OpCode::ftruncate:
+      io_uring_prep_rw(kOpFtruncate, sqe, op->fd, nullptr, 0, off);
+      break;
   }
   io_uring_sqe_set_data(sqe, op);
 }
@@ -245,6 +253,10 @@ void UringDriver::submit(Op* op) noexcept {
   if (!probe_.has(uring_opcode(op->code))) return complete_later(op, -EOPNOTSUPP);
   prepare(get_sqe(), op);
   track(op);
+}
+
+bool UringDriver::supports(OpCode code) const noexcept {
+  return probe_.has(uring_opcode(code));
 }
 
 void UringDriver::cancel(Op* op) noexcept {

@@ -51,6 +51,8 @@ class UringDriver final : public Park, public IoBackend {
   void submit(Op* op) noexcept override;
   void cancel(Op* op) noexcept override;
   std::size_t in_flight() const noexcept override { return user_in_flight_; }
+  // Whether this kernel's io_uring runs `code` (others complete -EOPNOTSUPP).
+  bool supports(OpCode code) const noexcept;
 
   // Hands queued SQEs to the kernel without waiting or reaping (one enter, or
   // none when nothing is queued).

@@ -84,7 +84,7 @@ int setup_ring(io_uring* ring, const RingOptions& options, RingProbe* probe) noe
     probe->reason = "io_uring has no opcode probe (kernel before 5.6)";
     return probe->error;
   }
-  for (int op = 0; op < IORING_OP_LAST; ++op) {
+  for (int op = 0; op <= ops->last_op && op < 256; ++op) {
     if (io_uring_opcode_supported(ops, op)) probe->ops.set(op);
   }
   io_uring_free_probe(ops);

@@ -24,9 +24,9 @@ struct RingProbe {
   std::string reason;  // why the ring is unusable, e.g. "io_uring_setup: EPERM"
   unsigned setup_flags = 0;
   unsigned features = 0;
-  std::bitset<IORING_OP_LAST> ops;
+  std::bitset<256> ops;  // by opcode number, also those newer than liburing's header
 
-  bool has(io_uring_op op) const noexcept { return ops.test(op); }
+  bool has(unsigned op) const noexcept { return op < ops.size() && ops.test(op); }
 };
 
 // Sets up `ring` with the best flags the kernel accepts. On failure the ring is

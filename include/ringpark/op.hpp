@@ -37,6 +37,7 @@ enum class OpCode : std::uint8_t {
   unlinkat,
   renameat,
   mkdirat,
+  ftruncate,  // to length `offset`
 };
 
 // Set in `flags` of a completion when more completions of the same operation

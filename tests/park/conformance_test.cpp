@@ -15,20 +15,19 @@
 #include <thread>
 
 #include "epoll_bridge/epoll_reactor.hpp"
+#include "epoll_bridge/fallback_driver.hpp"
 #include "park/executor.hpp"
 #include "park/park.hpp"
 #include "park/timer.hpp"
 #include "test_util.hpp"
 #include "uring_driver/driver.hpp"
-// TODO(conformance): add FallbackDriver once epoll_bridge/fallback_driver.hpp
-// exists: a FallbackStack (EpollReactor + FallbackDriver(reactor, nullptr)),
-// plus TimerOver<FallbackStack> and ExecutorOver<FallbackStack> in Stacks.
 
 namespace ringpark::test {
 namespace {
 
 using detail::EpollReactor;
 using detail::Executor;
+using detail::FallbackDriver;
 using detail::Park;
 using detail::RingOptions;
 using detail::RingProbe;
@@ -61,6 +60,15 @@ struct UringStack {
   std::unique_ptr<UringDriver> driver;
 };
 
+struct FallbackStack {
+  static std::string name() { return "Fallback"; }
+  std::string unavailable() const { return {}; }
+  Park& top() { return driver; }
+
+  EpollReactor reactor;
+  FallbackDriver driver{reactor, nullptr};
+};
+
 template <class Below>
 struct TimerOver {
   static std::string name() { return "TimerOver" + Below::name(); }
@@ -87,9 +95,10 @@ struct ExecutorOver {
   std::optional<Executor> executor;
 };
 
-using Stacks = ::testing::Types<EpollStack, UringStack, TimerOver<EpollStack>,
-                                 TimerOver<UringStack>, ExecutorOver<EpollStack>,
-                                 ExecutorOver<UringStack>>;
+using Stacks = ::testing::Types<EpollStack, UringStack, FallbackStack, TimerOver<EpollStack>,
+                                TimerOver<UringStack>, TimerOver<FallbackStack>,
+                                ExecutorOver<EpollStack>, ExecutorOver<UringStack>,
+                                ExecutorOver<FallbackStack>>;
 
 struct StackName {
   template <class T>

@@ -1,0 +1,801 @@
+// Operations through the IoBackend interface, on real kernel objects (a file in
+// a fresh temporary directory, pipes, TCP sockets on 127.0.0.1 only).
+//
+// BackendTest is typed: every op test runs on each backend (the io_uring driver
+// and the epoll fallback). UringDriverTest
+// holds what only the ring has: batching into one io_uring_enter, a full SQ, an
+// overflowing CQ. A backend that cannot be built here skips with its reason.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "epoll_bridge/epoll_reactor.hpp"
+#include "epoll_bridge/fallback_driver.hpp"
+#include "ringpark/op.hpp"
+#include "test_util.hpp"
+#include "uring_driver/driver.hpp"
+
+namespace ringpark::test {
+namespace {
+
+using detail::IoBackend;
+using detail::kMore;
+using detail::Op;
+using detail::OpCode;
+using detail::Park;
+using detail::RingOptions;
+using detail::RingProbe;
+using detail::UringDriver;
+
+// ---- Kernel objects --------------------------------------------------------
+
+// Closes the fds it holds when destroyed. A fixture keeps one alive until the
+// backend has shut down, so no op ever waits on an fd number closed under it.
+class Fds {
+ public:
+  ~Fds() {
+    for (int fd : fds_) ::close(fd);
+  }
+  int add(int fd) {
+    if (fd >= 0) fds_.push_back(fd);
+    return fd;
+  }
+
+ private:
+  std::vector<int> fds_;
+};
+
+// A fresh directory from mkdtemp, removed with its contents at the end.
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/ringpark-test-XXXXXX";
+    if (::mkdtemp(tmpl) != nullptr) path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
+  }
+  bool ok() const { return !path_.empty(); }
+  std::string file(const char* name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// A listening TCP socket on 127.0.0.1 with a kernel-chosen port.
+int listen_loopback(sockaddr_in* addr) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  *addr = {};
+  addr->sin_family = AF_INET;
+  addr->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof *addr;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(addr), len) < 0 || ::listen(fd, 16) < 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(addr), &len) < 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// A blocking connect to a loopback listener: completes at once, since the
+// kernel finishes the handshake into the listener's backlog.
+int connect_loopback(const sockaddr_in& addr) {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) < 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// ---- Recording ops ---------------------------------------------------------
+
+// An op whose completion records (res, flags). Owns the memory the op points at
+// (buf, addr, addrlen), so that memory lives as long as the op.
+struct TestOp {
+  explicit TestOp(OpCode code) {
+    op.code = code;
+    op.complete = &TestOp::on_complete;
+    op.data = this;
+  }
+
+  static void on_complete(Op* op, int res, std::uint32_t flags) noexcept {
+    auto* self = static_cast<TestOp*>(op->data);
+    ++self->calls;
+    self->res = res;
+    self->flags = flags;
+    self->results.emplace_back(res, flags);
+    if (self->then) self->then(*self);
+  }
+
+  // The final completion (kMore clear) has run.
+  bool done() const { return calls > 0 && !(flags & kMore); }
+
+  Op op;
+  int calls = 0;
+  int res = 0;
+  std::uint32_t flags = 0;
+  std::vector<std::pair<int, std::uint32_t>> results;
+  std::function<void(TestOp&)> then;  // runs inside the completion, after recording
+
+  std::array<char, 64> buf{};
+  sockaddr_in addr{};
+  unsigned addrlen = sizeof addr;
+};
+
+// ---- Backends --------------------------------------------------------------
+
+struct UringBackend {
+  static std::string name() { return "Uring"; }
+  explicit UringBackend(const RingOptions& options = {})
+      : driver(UringDriver::create(nullptr, options, &probe)) {}
+  std::string unavailable() const {
+    return driver ? std::string() : "io_uring is unavailable: " + probe.reason;
+  }
+  Park& park() { return *driver; }
+  IoBackend& io() { return *driver; }
+
+  RingProbe probe;
+  std::unique_ptr<UringDriver> driver;
+};
+
+// The epoll fallback, as the chain builds it without a libuv loop.
+struct FallbackBackend {
+  static std::string name() { return "Fallback"; }
+  std::string unavailable() const { return {}; }
+  Park& park() { return driver; }
+  IoBackend& io() { return driver; }
+
+  detail::EpollReactor reactor;
+  detail::FallbackDriver driver{reactor, nullptr};
+};
+
+using Backends = ::testing::Types<UringBackend, FallbackBackend>;
+
+struct BackendName {
+  template <class T>
+  static std::string GetName(int) {
+    return T::name();
+  }
+};
+
+// Everything a test needs, torn down in a safe order: the backend first (its
+// shutdown completes every op still in flight), then the ops it may have
+// touched, then the fds.
+template <class Backend>
+class OpFixture {
+ protected:
+  template <class... Args>
+  std::string start(Args&&... args) {
+    backend_ = std::make_unique<Backend>(std::forward<Args>(args)...);
+    return backend_->unavailable();
+  }
+
+  Park& park() { return backend_->park(); }
+  IoBackend& io() { return backend_->io(); }
+
+  TestOp& make(OpCode code) { return *ops_.emplace_back(std::make_unique<TestOp>(code)); }
+
+  // Parks until `pred` holds, at most `limit`. Returns whether it holds.
+  template <class Pred>
+  bool run_until(Pred pred, Duration limit = 5s) {
+    Stopwatch sw;
+    while (!pred()) {
+      if (sw.elapsed() >= limit) return false;
+      park().park(std::min<Duration>(limit - sw.elapsed(), Duration(100ms)));
+    }
+    return true;
+  }
+  bool run_until_done(const TestOp& op, Duration limit = 5s) {
+    return run_until([&] { return op.done(); }, limit);
+  }
+
+  // A few short parks, for anything that would (wrongly) still arrive.
+  void settle() {
+    for (int i = 0; i < 3; ++i) park().park(Duration(10ms));
+  }
+
+  TestOp& nop() {
+    TestOp& op = make(OpCode::nop);
+    io().submit(&op.op);
+    return op;
+  }
+
+  TestOp& timeout(Duration d) {
+    TestOp& op = make(OpCode::timeout);
+    op.op.timeout_ns = static_cast<std::uint64_t>(d.count());
+    io().submit(&op.op);
+    return op;
+  }
+
+  // A connected TCP pair on loopback, owned by the fixture.
+  bool tcp_pair(int* client, int* server) {
+    sockaddr_in addr;
+    int listener = fds_.add(listen_loopback(&addr));
+    if (listener < 0) return false;
+    *client = fds_.add(connect_loopback(addr));
+    if (*client < 0) return false;
+    *server = fds_.add(::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC));
+    return *server >= 0;
+  }
+
+  bool pipe(int* r, int* w, int flags = 0) {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC | flags) < 0) return false;
+    *r = fds_.add(p[0]);
+    *w = fds_.add(p[1]);
+    return true;
+  }
+
+  Fds fds_;
+  std::deque<std::unique_ptr<TestOp>> ops_;
+  std::unique_ptr<Backend> backend_;
+};
+
+template <class Backend>
+class BackendTest : public OpFixture<Backend>, public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (std::string why = this->start(); !why.empty()) GTEST_SKIP() << why;
+  }
+};
+
+TYPED_TEST_SUITE(BackendTest, Backends, BackendName);
+
+// ---- Basic ops ---------------------------------------------------------------
+
+TYPED_TEST(BackendTest, NopNeverCompletesInsideSubmit) {
+  TestOp& op = this->nop();
+  EXPECT_EQ(op.calls, 0);
+  EXPECT_EQ(this->io().in_flight(), 1u);
+}
+
+TYPED_TEST(BackendTest, NopCompletesOnceWithZero) {
+  TestOp& op = this->nop();
+  ASSERT_TRUE(this->run_until_done(op));
+  this->settle();
+  EXPECT_EQ(op.calls, 1);
+  EXPECT_EQ(op.res, 0);
+  EXPECT_EQ(op.flags, 0u);
+  EXPECT_EQ(this->io().in_flight(), 0u);
+}
+
+TYPED_TEST(BackendTest, TimeoutCompletesWithEtimeAfterItsDuration) {
+  Stopwatch sw;
+  TestOp& op = this->timeout(30ms);
+  ASSERT_TRUE(this->run_until_done(op));
+  EXPECT_EQ(op.res, -ETIME);
+  EXPECT_GE(sw.elapsed(), 30ms);
+  EXPECT_LT(sw.elapsed(), 30ms + 2s);
+}
+
+TYPED_TEST(BackendTest, CancelOfPendingTimeoutCompletesItOnceWithEcanceled) {
+  TestOp& op = this->timeout(10s);
+  this->park().park(Duration::zero());  // the timeout is now with the kernel
+  this->io().cancel(&op.op);
+  ASSERT_TRUE(this->run_until_done(op));
+  this->settle();
+  EXPECT_EQ(op.calls, 1);
+  EXPECT_EQ(op.res, -ECANCELED);
+  EXPECT_EQ(this->io().in_flight(), 0u);
+}
+
+TYPED_TEST(BackendTest, CancelInSameTurnAsSubmitCompletesOnceWithEcanceled) {
+  TestOp& op = this->timeout(10s);
+  this->io().cancel(&op.op);
+  ASSERT_TRUE(this->run_until_done(op));
+  this->settle();
+  EXPECT_EQ(op.calls, 1);
+  EXPECT_EQ(op.res, -ECANCELED);
+}
+
+TYPED_TEST(BackendTest, CancelOpOnPendingTargetReturnsZero) {
+  TestOp& target = this->timeout(10s);
+  this->park().park(Duration::zero());
+  TestOp& cancel = this->make(OpCode::cancel);
+  cancel.op.target = &target.op;
+  this->io().submit(&cancel.op);
+  ASSERT_TRUE(this->run_until([&] { return cancel.done() && target.done(); }));
+  EXPECT_EQ(cancel.res, 0);
+  EXPECT_EQ(target.res, -ECANCELED);
+}
+
+TYPED_TEST(BackendTest, CancelOpOnUnknownTargetReturnsEnoent) {
+  TestOp& never_submitted = this->make(OpCode::nop);
+  TestOp& cancel = this->make(OpCode::cancel);
+  cancel.op.target = &never_submitted.op;
+  this->io().submit(&cancel.op);
+  ASSERT_TRUE(this->run_until_done(cancel));
+  EXPECT_EQ(cancel.res, -ENOENT);
+  EXPECT_EQ(never_submitted.calls, 0);
+}
+
+TYPED_TEST(BackendTest, CancelOfIdleOpIsNoOp) {
+  TestOp& idle = this->make(OpCode::nop);
+  this->io().cancel(&idle.op);
+  this->settle();
+  EXPECT_EQ(idle.calls, 0);
+  EXPECT_EQ(this->io().in_flight(), 0u);
+}
+
+// ---- Files -------------------------------------------------------------------
+
+TYPED_TEST(BackendTest, WriteThenReadFileAtOffset) {
+  TempDir dir;
+  ASSERT_TRUE(dir.ok());
+  int fd = this->fds_.add(::open(dir.file("f").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  ASSERT_GE(fd, 0);
+
+  TestOp& w = this->make(OpCode::write);
+  std::memcpy(w.buf.data(), "hello world", 11);
+  w.op.fd = fd;
+  w.op.buf = w.buf.data();
+  w.op.len = 11;
+  w.op.offset = 0;
+  this->io().submit(&w.op);
+  ASSERT_TRUE(this->run_until_done(w));
+  ASSERT_EQ(w.res, 11);
+
+  TestOp& r = this->make(OpCode::read);
+  r.op.fd = fd;
+  r.op.buf = r.buf.data();
+  r.op.len = 5;
+  r.op.offset = 6;
+  this->io().submit(&r.op);
+  ASSERT_TRUE(this->run_until_done(r));
+  ASSERT_EQ(r.res, 5);
+  EXPECT_EQ(std::string(r.buf.data(), 5), "world");
+}
+
+TYPED_TEST(BackendTest, ReadAtOffsetMinusOneUsesAndAdvancesFilePosition) {
+  TempDir dir;
+  ASSERT_TRUE(dir.ok());
+  int fd = this->fds_.add(::open(dir.file("f").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::pwrite(fd, "abcdefgh", 8, 0), 8);
+  ASSERT_EQ(::lseek(fd, 2, SEEK_SET), 2);
+
+  TestOp& r = this->make(OpCode::read);
+  r.op.fd = fd;
+  r.op.buf = r.buf.data();
+  r.op.len = 3;
+  r.op.offset = -1;
+  this->io().submit(&r.op);
+  ASSERT_TRUE(this->run_until_done(r));
+  ASSERT_EQ(r.res, 3);
+  EXPECT_EQ(std::string(r.buf.data(), 3), "cde");
+  EXPECT_EQ(::lseek(fd, 0, SEEK_CUR), 5);
+}
+
+TYPED_TEST(BackendTest, WritesAtOffsetMinusOneFollowEachOther) {
+  TempDir dir;
+  ASSERT_TRUE(dir.ok());
+  int fd = this->fds_.add(::open(dir.file("f").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  ASSERT_GE(fd, 0);
+  for (const char* part : {"abc", "def"}) {
+    TestOp& w = this->make(OpCode::write);
+    std::memcpy(w.buf.data(), part, 3);
+    w.op.fd = fd;
+    w.op.buf = w.buf.data();
+    w.op.len = 3;
+    w.op.offset = -1;
+    this->io().submit(&w.op);
+    ASSERT_TRUE(this->run_until_done(w));
+    ASSERT_EQ(w.res, 3);
+  }
+  char back[8] = {};
+  ASSERT_EQ(::pread(fd, back, sizeof back, 0), 6);
+  EXPECT_EQ(std::string(back, 6), "abcdef");
+}
+
+// ---- Sockets -----------------------------------------------------------------
+
+TYPED_TEST(BackendTest, SendAndRecvOverTcp) {
+  int client, server;
+  ASSERT_TRUE(this->tcp_pair(&client, &server));
+  TestOp& send = this->make(OpCode::send);
+  std::memcpy(send.buf.data(), "ping", 4);
+  send.op.fd = client;
+  send.op.buf = send.buf.data();
+  send.op.len = 4;
+  TestOp& recv = this->make(OpCode::recv);
+  recv.op.fd = server;
+  recv.op.buf = recv.buf.data();
+  recv.op.len = static_cast<unsigned>(recv.buf.size());
+  this->io().submit(&recv.op);
+  this->io().submit(&send.op);
+  ASSERT_TRUE(this->run_until([&] { return send.done() && recv.done(); }));
+  EXPECT_EQ(send.res, 4);
+  ASSERT_EQ(recv.res, 4);
+  EXPECT_EQ(std::string(recv.buf.data(), 4), "ping");
+}
+
+TYPED_TEST(BackendTest, RecvWaitsForData) {
+  int client, server;
+  ASSERT_TRUE(this->tcp_pair(&client, &server));
+  TestOp& recv = this->make(OpCode::recv);
+  recv.op.fd = server;
+  recv.op.buf = recv.buf.data();
+  recv.op.len = static_cast<unsigned>(recv.buf.size());
+  this->io().submit(&recv.op);
+  this->settle();
+  EXPECT_EQ(recv.calls, 0);
+  ASSERT_EQ(::send(client, "x", 1, MSG_NOSIGNAL), 1);
+  ASSERT_TRUE(this->run_until_done(recv));
+  EXPECT_EQ(recv.res, 1);
+}
+
+TYPED_TEST(BackendTest, RecvSeesPeerCloseAsZero) {
+  int client, server;
+  ASSERT_TRUE(this->tcp_pair(&client, &server));
+  ASSERT_EQ(::shutdown(client, SHUT_WR), 0);
+  TestOp& recv = this->make(OpCode::recv);
+  recv.op.fd = server;
+  recv.op.buf = recv.buf.data();
+  recv.op.len = static_cast<unsigned>(recv.buf.size());
+  this->io().submit(&recv.op);
+  ASSERT_TRUE(this->run_until_done(recv));
+  EXPECT_EQ(recv.res, 0);
+}
+
+TYPED_TEST(BackendTest, AcceptAndConnect) {
+  sockaddr_in addr;
+  int listener = this->fds_.add(listen_loopback(&addr));
+  ASSERT_GE(listener, 0);
+  int client = this->fds_.add(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_GE(client, 0);
+
+  TestOp& accept = this->make(OpCode::accept);
+  accept.op.fd = listener;
+  accept.op.addr = reinterpret_cast<sockaddr*>(&accept.addr);
+  accept.op.addrlen = &accept.addrlen;
+  accept.then = [this](TestOp& op) { this->fds_.add(op.res); };
+  TestOp& connect = this->make(OpCode::connect);
+  connect.addr = addr;
+  connect.op.fd = client;
+  connect.op.addr = reinterpret_cast<sockaddr*>(&connect.addr);
+  connect.op.len = sizeof connect.addr;
+  this->io().submit(&accept.op);
+  this->io().submit(&connect.op);
+  ASSERT_TRUE(this->run_until([&] { return accept.done() && connect.done(); }));
+  EXPECT_EQ(connect.res, 0);
+  ASSERT_GE(accept.res, 0);
+  EXPECT_EQ(accept.addr.sin_family, AF_INET);
+  EXPECT_EQ(accept.addr.sin_addr.s_addr, htonl(INADDR_LOOPBACK));
+}
+
+TYPED_TEST(BackendTest, ConnectToClosedPortFails) {
+  sockaddr_in addr;
+  int listener = listen_loopback(&addr);
+  ASSERT_GE(listener, 0);
+  ::close(listener);  // nothing listens on addr now
+  int client = this->fds_.add(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_GE(client, 0);
+  TestOp& connect = this->make(OpCode::connect);
+  connect.addr = addr;
+  connect.op.fd = client;
+  connect.op.addr = reinterpret_cast<sockaddr*>(&connect.addr);
+  connect.op.len = sizeof connect.addr;
+  this->io().submit(&connect.op);
+  ASSERT_TRUE(this->run_until_done(connect));
+  EXPECT_EQ(connect.res, -ECONNREFUSED);
+}
+
+TYPED_TEST(BackendTest, AcceptMultishotGetsEachConnectionWithMore) {
+  sockaddr_in addr;
+  int listener = this->fds_.add(listen_loopback(&addr));
+  ASSERT_GE(listener, 0);
+  TestOp& accept = this->make(OpCode::accept_multishot);
+  accept.op.fd = listener;
+  accept.then = [this](TestOp& op) { this->fds_.add(op.res); };
+  this->io().submit(&accept.op);
+  this->park().park(Duration::zero());
+  for (int i = 0; i < 3; ++i) ASSERT_GE(this->fds_.add(connect_loopback(addr)), 0);
+
+  ASSERT_TRUE(this->run_until([&] { return accept.calls >= 3 || accept.done(); }));
+  if (accept.done() && accept.res == -EINVAL) GTEST_SKIP() << "no multishot accept here";
+  ASSERT_EQ(accept.results.size(), 3u);
+  for (auto [res, flags] : accept.results) {
+    EXPECT_GE(res, 0);
+    EXPECT_TRUE(flags & kMore);
+  }
+}
+
+TYPED_TEST(BackendTest, AcceptMultishotEndsWithEcanceledAfterCancel) {
+  sockaddr_in addr;
+  int listener = this->fds_.add(listen_loopback(&addr));
+  ASSERT_GE(listener, 0);
+  TestOp& accept = this->make(OpCode::accept_multishot);
+  accept.op.fd = listener;
+  accept.then = [this](TestOp& op) {
+    if (op.res >= 0) this->fds_.add(op.res);
+  };
+  this->io().submit(&accept.op);
+  ASSERT_GE(this->fds_.add(connect_loopback(addr)), 0);
+  ASSERT_TRUE(this->run_until([&] { return accept.calls >= 1; }));
+  if (accept.done() && accept.res == -EINVAL) GTEST_SKIP() << "no multishot accept here";
+  this->io().cancel(&accept.op);
+  ASSERT_TRUE(this->run_until_done(accept));
+  EXPECT_EQ(accept.res, -ECANCELED);
+  EXPECT_EQ(accept.calls, 2);
+  EXPECT_EQ(this->io().in_flight(), 0u);
+}
+
+// ---- Readiness ---------------------------------------------------------------
+
+TYPED_TEST(BackendTest, PollOneShotReportsPipeReadable) {
+  int r, w;
+  ASSERT_TRUE(this->pipe(&r, &w));
+  TestOp& poll = this->make(OpCode::poll);
+  poll.op.fd = r;
+  poll.op.flags = POLLIN;
+  this->io().submit(&poll.op);
+  this->settle();
+  EXPECT_EQ(poll.calls, 0);
+  ASSERT_EQ(::write(w, "x", 1), 1);
+  ASSERT_TRUE(this->run_until_done(poll));
+  EXPECT_TRUE(poll.res & POLLIN);
+  this->settle();
+  EXPECT_EQ(poll.calls, 1);
+}
+
+TYPED_TEST(BackendTest, PollMultishotReportsEachTimeThenEndsWithEcanceled) {
+  int r, w;
+  ASSERT_TRUE(this->pipe(&r, &w, O_NONBLOCK));
+  TestOp& poll = this->make(OpCode::poll_multishot);
+  poll.op.fd = r;
+  poll.op.flags = POLLIN;
+  // Empty the pipe at each report, as a consumer would, so that every write is
+  // a new readiness on both backends (the fallback's poll is level-triggered).
+  poll.then = [r](TestOp& op) {
+    char sink[16];
+    while (op.res > 0 && ::read(r, sink, sizeof sink) > 0) {
+    }
+  };
+  this->io().submit(&poll.op);
+  this->park().park(Duration::zero());
+  for (int i = 1; i <= 3; ++i) {
+    ASSERT_EQ(::write(w, "x", 1), 1);
+    ASSERT_TRUE(this->run_until([&] { return poll.calls >= i; })) << "report " << i;
+    ASSERT_FALSE(poll.done()) << "multishot poll ended after report " << i;
+    EXPECT_TRUE(poll.res & POLLIN);
+  }
+  this->io().cancel(&poll.op);
+  ASSERT_TRUE(this->run_until_done(poll));
+  EXPECT_EQ(poll.res, -ECANCELED);
+  EXPECT_EQ(poll.calls, 4);
+}
+
+// ---- Shutdown and wake -------------------------------------------------------
+
+TYPED_TEST(BackendTest, ShutdownCompletesRecvAndTimeoutOnceWithEcanceled) {
+  int client, server;
+  ASSERT_TRUE(this->tcp_pair(&client, &server));
+  TestOp& recv = this->make(OpCode::recv);
+  recv.op.fd = server;
+  recv.op.buf = recv.buf.data();
+  recv.op.len = static_cast<unsigned>(recv.buf.size());
+  this->io().submit(&recv.op);
+  TestOp& timer = this->timeout(10s);
+  this->park().park(Duration::zero());
+  {
+    Watchdog watchdog(5s, "shutdown");
+    this->park().shutdown();
+  }
+  EXPECT_EQ(recv.calls, 1);
+  EXPECT_EQ(recv.res, -ECANCELED);
+  EXPECT_EQ(timer.calls, 1);
+  EXPECT_EQ(timer.res, -ECANCELED);
+  EXPECT_EQ(this->io().in_flight(), 0u);
+}
+
+TYPED_TEST(BackendTest, ShutdownCompletesOpsNotYetSubmittedToKernel) {
+  TestOp& timer = this->timeout(10s);  // still queued: no park since submit
+  {
+    Watchdog watchdog(5s, "shutdown");
+    this->park().shutdown();
+  }
+  EXPECT_EQ(timer.calls, 1);
+  EXPECT_EQ(timer.res, -ECANCELED);
+}
+
+TYPED_TEST(BackendTest, OpSubmittedDuringShutdownCompletesWithEcanceled) {
+  TestOp& timer = this->timeout(10s);
+  TestOp& late = this->make(OpCode::timeout);
+  late.op.timeout_ns = std::uint64_t{10'000'000'000};
+  timer.then = [this, &late](TestOp&) { this->io().submit(&late.op); };
+  this->park().park(Duration::zero());
+  {
+    Watchdog watchdog(5s, "shutdown");
+    this->park().shutdown();
+  }
+  EXPECT_EQ(timer.res, -ECANCELED);
+  EXPECT_EQ(late.calls, 1);
+  EXPECT_EQ(late.res, -ECANCELED);
+}
+
+TYPED_TEST(BackendTest, UnparkFromAnotherThreadWakesPark) {
+  this->park().park(Duration::zero());
+  auto unparker = this->park().unparker();
+  std::atomic<bool> sent{false};
+  std::thread other([&] {
+    std::this_thread::sleep_for(50ms);
+    unparker.unpark();
+    sent = true;
+  });
+  {
+    Watchdog watchdog;
+    do {
+      this->park().park(std::nullopt);
+    } while (!sent);
+  }
+  other.join();
+}
+
+TYPED_TEST(BackendTest, InFlightCountsUntilFinalCompletion) {
+  EXPECT_EQ(this->io().in_flight(), 0u);
+  TestOp& a = this->nop();
+  TestOp& b = this->timeout(10ms);
+  EXPECT_EQ(this->io().in_flight(), 2u);
+  ASSERT_TRUE(this->run_until([&] { return a.done() && b.done(); }));
+  EXPECT_EQ(this->io().in_flight(), 0u);
+}
+
+// ---- io_uring only -----------------------------------------------------------
+
+class UringDriverTest : public OpFixture<UringBackend>, public ::testing::Test {
+ protected:
+  // A ring of `entries` SQEs; skips the test when io_uring is unavailable.
+  bool open_ring(unsigned entries = 256) {
+    RingOptions options;
+    options.entries = entries;
+    std::string why = start(options);
+    if (!why.empty()) {
+      skip_reason_ = why;
+      return false;
+    }
+    return true;
+  }
+  UringDriver& driver() { return *backend_->driver; }
+  bool all_done(const std::vector<TestOp*>& ops) const {
+    return std::all_of(ops.begin(), ops.end(), [](const TestOp* op) { return op->done(); });
+  }
+
+  std::string skip_reason_;
+};
+
+#define OPEN_RING_OR_SKIP(...) \
+  if (!open_ring(__VA_ARGS__)) GTEST_SKIP() << skip_reason_
+
+TEST_F(UringDriverTest, SixtyFourNopsTakeOneEnter) {
+  OPEN_RING_OR_SKIP();
+  // Warm up: the first park arms the driver's own wake read; it is then in
+  // flight and adds no SQE to the measured park.
+  driver().park(Duration::zero());
+  const detail::DriverStats before = driver().stats();
+  std::vector<TestOp*> ops;
+  for (int i = 0; i < 64; ++i) ops.push_back(&nop());
+  EXPECT_EQ(driver().stats().enters, before.enters) << "submit() entered the kernel";
+
+  driver().park(Duration(5s));
+  const detail::DriverStats& after = driver().stats();
+  EXPECT_EQ(after.enters - before.enters, 1u);
+  EXPECT_EQ(after.sqes_submitted - before.sqes_submitted, 64u);
+  EXPECT_EQ(after.cqes_reaped - before.cqes_reaped, 64u);
+  EXPECT_TRUE(all_done(ops));
+}
+
+TEST_F(UringDriverTest, SixtyFourReadyPipeReadsTakeOneEnter) {
+  OPEN_RING_OR_SKIP();
+  int r, w;
+  ASSERT_TRUE(pipe(&r, &w));
+  char bytes[64];
+  for (int i = 0; i < 64; ++i) bytes[i] = static_cast<char>(i);
+  ASSERT_EQ(::write(w, bytes, 64), 64);
+  driver().park(Duration::zero());
+  const detail::DriverStats before = driver().stats();
+
+  std::vector<TestOp*> ops;
+  for (int i = 0; i < 64; ++i) {
+    TestOp& op = make(OpCode::read);
+    op.op.fd = r;
+    op.op.buf = op.buf.data();
+    op.op.len = 1;
+    io().submit(&op.op);
+    ops.push_back(&op);
+  }
+  driver().park(Duration(5s));
+  const detail::DriverStats& after = driver().stats();
+  EXPECT_EQ(after.enters - before.enters, 1u);
+  EXPECT_EQ(after.sqes_submitted - before.sqes_submitted, 64u);
+  ASSERT_TRUE(all_done(ops));
+  std::vector<int> seen;
+  for (TestOp* op : ops) {
+    ASSERT_EQ(op->res, 1);
+    seen.push_back(op->buf[0]);
+  }
+  std::sort(seen.begin(), seen.end());
+  for (int i = 0; i < 64; ++i) EXPECT_EQ(seen[i], i);
+}
+
+TEST_F(UringDriverTest, FullSubmissionQueueDropsNothing) {
+  OPEN_RING_OR_SKIP(8);
+  std::vector<TestOp*> ops;
+  for (int i = 0; i < 100; ++i) ops.push_back(&nop());
+  for (TestOp* op : ops) ASSERT_EQ(op->calls, 0) << "completed inside submit()";
+  ASSERT_TRUE(run_until([&] { return all_done(ops); }));
+  settle();
+  for (TestOp* op : ops) {
+    EXPECT_EQ(op->calls, 1);
+    EXPECT_EQ(op->res, 0);
+  }
+  EXPECT_EQ(driver().in_flight(), 0u);
+}
+
+TEST_F(UringDriverTest, CompletionQueueOverflowLosesNothing) {
+  OPEN_RING_OR_SKIP(8);
+  // 12 batches of 8 handed to the kernel without reaping: far more CQEs than
+  // the CQ (16 entries for an 8-entry ring) holds.
+  std::vector<TestOp*> ops;
+  const detail::DriverStats before = driver().stats();
+  for (int batch = 0; batch < 12; ++batch) {
+    for (int i = 0; i < 8; ++i) ops.push_back(&nop());
+    driver().flush();
+  }
+  for (TestOp* op : ops) ASSERT_EQ(op->calls, 0);
+  EXPECT_TRUE(driver().has_cqes());
+  ASSERT_TRUE(run_until([&] { return all_done(ops); }));
+  settle();
+  for (TestOp* op : ops) {
+    EXPECT_EQ(op->calls, 1);
+    EXPECT_EQ(op->res, 0);
+  }
+  EXPECT_EQ(driver().stats().cqes_reaped - before.cqes_reaped, 96u);
+}
+
+TEST_F(UringDriverTest, FlushSubmitsWithoutCompleting) {
+  OPEN_RING_OR_SKIP();
+  TestOp& op = nop();
+  const detail::DriverStats before = driver().stats();
+  driver().flush();
+  EXPECT_EQ(driver().stats().enters - before.enters, 1u);
+  EXPECT_EQ(driver().stats().sqes_submitted - before.sqes_submitted, 1u);
+  EXPECT_EQ(op.calls, 0);
+  EXPECT_FALSE(driver().has_sqes());
+  ASSERT_TRUE(run_until_done(op));
+}
+
+TEST_F(UringDriverTest, TurnWithNothingQueuedMakesNoSyscall) {
+  OPEN_RING_OR_SKIP();
+  driver().park(Duration::zero());  // arms the wake read
+  const detail::DriverStats before = driver().stats();
+  driver().turn();
+  EXPECT_EQ(driver().stats().enters, before.enters);
+  EXPECT_EQ(driver().stats().turns - before.turns, 1u);
+}
+
+}  // namespace
+}  // namespace ringpark::test
