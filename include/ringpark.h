@@ -83,6 +83,242 @@ int rp_fs_mkdir(uv_loop_t* loop, uv_fs_t* req, const char* path, int mode, uv_fs
 int rp_fs_ftruncate(uv_loop_t* loop, uv_fs_t* req, uv_file file, int64_t offset,
                     uv_fs_cb cb);
 
+/* ---- TCP handles (section owned by runtime/uv_tcp.cpp) ---------------------- */
+
+/* rp_tcp_t is a TCP stream whose accepts, connects, reads, writes, shutdown and
+ * close are operations in the loop's ring (or the epoll fallback), so all the
+ * socket I/O that one loop iteration starts goes to the kernel in one
+ * io_uring_enter. The calls mirror libuv's uv_tcp_* and uv_stream functions
+ * (names, argument order, error codes, callback order); a libuv program
+ * migrates by renaming uv_tcp_t to rp_tcp_t and uv_X to rp_X.
+ *
+ * Lifetime, as in libuv: a handle stays valid from rp_tcp_init until its close
+ * callback has run, a request until its callback has run; the memory may be
+ * freed or reused from inside those callbacks. The close callback runs once,
+ * after the final completion of every operation of the handle, and the socket
+ * is closed only then, so a reused fd number never sees the old socket's
+ * completions. If a call that takes a callback returns an error, that
+ * callback never runs. Every callback runs on the loop thread from inside
+ * rp_uv_run (or uv_run), never from inside the call that started the work.
+ *
+ * Differences from libuv a user may notice:
+ *  - alloc_cb runs when a read is queued (in rp_read_start and after each
+ *    read callback), not when data arrives: the buffer is lent to the kernel
+ *    while the recv waits. It therefore always comes back through read_cb:
+ *    after rp_read_stop it is kept and reused by the next rp_read_start
+ *    (bytes that arrived meanwhile are delivered then, nothing is lost); at
+ *    rp_close, read_cb runs once more with UV_ECANCELED and the buffer, before
+ *    the close callback, as libuv does on Windows where reads are also lent;
+ *  - a write of one buffer is a send with MSG_NOSIGNAL (EPIPE, no SIGPIPE);
+ *    a write of several buffers is a writev, which raises SIGPIPE on a
+ *    broken connection exactly as libuv's writev does;
+ *  - handles are not uv_handle_t: uv_walk does not see them, and
+ *    rp_loop_close does not refuse to close a loop whose idle (no operation in
+ *    flight) rp_tcp_t handles are still open: close them first. */
+
+typedef struct rp_tcp_s rp_tcp_t;
+typedef struct rp_write_s rp_write_t;
+typedef struct rp_connect_s rp_connect_t;
+typedef struct rp_shutdown_s rp_shutdown_t;
+
+/* uv_alloc_cb for rp_tcp_t: fill *buf (base NULL or len 0 means "no buffer
+ * now": read_cb then gets UV_ENOBUFS once the socket is readable). */
+typedef void (*rp_alloc_cb)(rp_tcp_t* handle, size_t suggested_size, uv_buf_t* buf);
+/* nread > 0: bytes read; 0: nothing read (EAGAIN); UV_EOF: the peer shut
+ * down its side (reading stops); other negative values: an error (reading
+ * stops; close the handle). `buf` is the one alloc_cb gave, in every case. */
+typedef void (*rp_read_cb)(rp_tcp_t* handle, ssize_t nread, const uv_buf_t* buf);
+typedef void (*rp_write_cb)(rp_write_t* req, int status);
+typedef void (*rp_connect_cb)(rp_connect_t* req, int status);
+typedef void (*rp_shutdown_cb)(rp_shutdown_t* req, int status);
+typedef void (*rp_connection_cb)(rp_tcp_t* server, int status);
+typedef void (*rp_close_cb)(rp_tcp_t* handle);
+
+/* The private words hold the operation the kernel may write into and the
+ * handle's state (runtime/uv_tcp.cpp checks at build time that they fit).
+ * Never touch them. */
+struct rp_tcp_s {
+  void* data;       /* for the user */
+  uv_loop_t* loop;  /* read-only */
+  uint64_t private_[56];
+};
+
+struct rp_write_s {
+  void* data;         /* for the user */
+  rp_tcp_t* handle;   /* read-only */
+  rp_write_cb cb;     /* read-only */
+  uint64_t private_[40];
+};
+
+struct rp_connect_s {
+  void* data;
+  rp_tcp_t* handle;
+  rp_connect_cb cb;
+  uint64_t private_[28];
+};
+
+struct rp_shutdown_s {
+  void* data;
+  rp_tcp_t* handle;
+  rp_shutdown_cb cb;
+  uint64_t private_[24];
+};
+
+/* Initialises `handle` on `loop` without a socket (made by bind, connect or
+ * listen, as in libuv). Returns 0, UV_EINVAL for null arguments, or UV_EMFILE
+ * when the loop's ringpark state cannot be set up. Never blocks. */
+int rp_tcp_init(uv_loop_t* loop, rp_tcp_t* handle);
+/* Takes an existing connected (or connecting) socket, made non-blocking; the
+ * handle owns it from then on and closes it in rp_close. Returns 0, UV_EBADF
+ * for an invalid fd, UV_EBUSY if the handle already has a socket, UV_EINVAL
+ * for a closing or uninitialised handle. */
+int rp_tcp_open(rp_tcp_t* handle, uv_os_sock_t sock);
+/* As uv_tcp_bind: makes a socket of addr's family (SOCK_NONBLOCK|CLOEXEC), sets
+ * SO_REUSEADDR and binds. flags: 0 or UV_TCP_IPV6ONLY. EADDRINUSE is reported
+ * later, by rp_listen or the connect callback, as libuv does. Returns 0 or a
+ * negative UV_E* code (UV_EINVAL for null or non-IP addresses). Never blocks. */
+int rp_tcp_bind(rp_tcp_t* handle, const struct sockaddr* addr, unsigned int flags);
+/* Listens and keeps one multishot accept in flight. `cb` runs once per
+ * accepted connection (status 0; call rp_accept inside or later to take it;
+ * connections not taken stay queued and are closed with the server), or with
+ * a negative status for an accept error. Returns 0, UV_EINVAL (null cb,
+ * closing handle), the deferred bind error, or listen(2)'s error. */
+int rp_listen(rp_tcp_t* server, int backlog, rp_connection_cb cb);
+/* Hands the oldest queued connection of `server` to `client`, an initialised
+ * handle without a socket. Returns 0, UV_EAGAIN when none is queued, UV_EBUSY
+ * when `client` already has a socket (the connection stays queued), or
+ * UV_EINVAL for a closing or uninitialised handle. */
+int rp_accept(rp_tcp_t* server, rp_tcp_t* client);
+/* Connects to `addr` (IPv4 or IPv6). `cb` (may be null) gets 0 or the error,
+ * e.g. UV_ECONNREFUSED, or UV_ECANCELED if the handle is closed first. Writes
+ * and rp_read_start may be issued before it completes; they start once it
+ * succeeds. Returns 0, UV_EINVAL (null req/handle/addr, non-IP address,
+ * closing handle), UV_EALREADY while a connect is in progress, or an error
+ * from creating the socket. */
+int rp_tcp_connect(rp_connect_t* req, rp_tcp_t* handle, const struct sockaddr* addr,
+                   rp_connect_cb cb);
+/* Starts reading: a recv into alloc_cb's buffer, queued again after each read
+ * callback while reading. Returns 0, UV_EINVAL (null arguments, closing
+ * handle), UV_EALREADY when already reading, or UV_ENOTCONN when the handle
+ * has no connected socket. Calls alloc_cb before it returns. */
+int rp_read_start(rp_tcp_t* handle, rp_alloc_cb alloc_cb, rp_read_cb read_cb);
+/* Stops reading; no read callback runs until the next rp_read_start. The
+ * recv in flight is cancelled (a request: its buffer is kept for the next
+ * start). Returns 0 (also when not reading), or UV_EINVAL for an
+ * uninitialised handle. */
+int rp_read_stop(rp_tcp_t* handle);
+/* Queues a write of `bufs` (the array is copied, the bytes are not: they must
+ * stay valid until the callback). Writes go out in order, each completely
+ * (short sends are continued) before its callback runs with 0, or with an
+ * error, or UV_ECANCELED if the handle was closed first. A write of zero bytes
+ * completes with 0 after the writes before it. Returns 0, UV_EINVAL (null
+ * req/handle/bufs, nbufs 0, a buffer with a null base and a non-zero length),
+ * UV_EBADF (no socket, or closing), UV_EPIPE (not writable: not connected, or
+ * shut down), UV_ENOMEM. */
+int rp_write(rp_write_t* req, rp_tcp_t* handle, const uv_buf_t bufs[], unsigned int nbufs,
+             rp_write_cb cb);
+/* Shuts down the writing side once every queued write has completed. `cb`
+ * (may be null) gets 0, an error, or UV_ECANCELED if the handle is closed
+ * first. Returns 0, UV_EINVAL (null req/handle), or UV_ENOTCONN (not
+ * writable, already shut down or shutting down, closing). */
+int rp_shutdown(rp_shutdown_t* req, rp_tcp_t* handle, rp_shutdown_cb cb);
+/* Closes the handle: stops reading and listening, cancels every operation in
+ * flight, and calls the pending callbacks (connect, then writes in order,
+ * then shutdown) with UV_ECANCELED unless their operation had already
+ * finished; then closes the socket and runs `cb` (may be null) once. Returns
+ * 0, or UV_EINVAL for a handle that is closing, closed or uninitialised (then
+ * `cb` never runs). Never calls a callback itself. */
+int rp_close(rp_tcp_t* handle, rp_close_cb cb);
+/* Non-zero from rp_close on (also after the close callback). */
+int rp_is_closing(const rp_tcp_t* handle);
+/* TCP_NODELAY on or off; remembered and applied when the socket is made.
+ * Returns 0, UV_EINVAL, or setsockopt's error. */
+int rp_tcp_nodelay(rp_tcp_t* handle, int enable);
+/* As uv_tcp_getsockname / uv_tcp_getpeername: *namelen is the size of *name
+ * on entry, the address length on return. Returns 0, the deferred bind error,
+ * UV_EINVAL (no socket, null arguments), or the syscall's error. */
+int rp_tcp_getsockname(const rp_tcp_t* handle, struct sockaddr* name, int* namelen);
+int rp_tcp_getpeername(const rp_tcp_t* handle, struct sockaddr* name, int* namelen);
+/* The socket's fd, as uv_fileno. Returns 0, UV_EINVAL (null arguments), or
+ * UV_EBADF (no socket, or closing). */
+int rp_fileno(const rp_tcp_t* handle, uv_os_fd_t* fd);
+
+/* ---- Readiness watchers and the ring inside a plain uv_run (runtime/uv_poll.cpp) */
+
+/* Makes `loop` ready for ringpark's operations under a stock uv_run(), for code
+ * that cannot replace uv_run with rp_uv_run (a library or add-on living in
+ * someone else's loop). It sets up the loop's ring (or the fallback) and two
+ * hidden, internal handles: a prepare handle that submits every queued SQE
+ * before libuv may sleep, and a poll handle on the ring's eventfd (the
+ * fallback's epoll fd) that wakes libuv for ringpark's completions. From then
+ * on rp_* operations started in any callback of any phase complete under plain
+ * uv_run, and keep uv_run(UV_RUN_DEFAULT) from returning while in flight, as
+ * libuv's own requests do. Every rp_* call on a loop does this on first use;
+ * calling it first only makes the set-up, and its failure, explicit. Loop
+ * thread; never blocks; idempotent. Returns 0 (rp_backend(loop) then says which
+ * backend runs), UV_EINVAL for a null loop, or UV_ENOMEM when not even the
+ * fallback can be set up (out of memory or file descriptors). */
+int rp_uv_attach(uv_loop_t* loop);
+
+/* A readiness watcher with uv_poll_t's semantics, run through the loop's ring:
+ * each started watcher is one multishot POLL_ADD, so starting a thousand of
+ * them in one loop iteration costs one io_uring_enter (libuv: an epoll_ctl
+ * each). Like uv_poll_t it is level-triggered: while the fd stays ready for a
+ * watched event the callback runs again on each loop iteration (ringpark
+ * re-checks the watchers it reported, all of them with one poll(2) call, at the
+ * next iteration; the ring reports the edges). Differences from uv_poll_t:
+ *  - it is not a uv_handle_t: uv_close, uv_walk, uv_ref and uv_is_active do not
+ *    apply; use rp_poll_close and rp_poll_is_active;
+ *  - several watchers on one fd are allowed (uv_poll_init says UV_EEXIST);
+ *  - a file without a poll method (a regular file) is reported always ready,
+ *    as poll(2) does, where uv_poll_init fails with UV_EPERM;
+ *  - the callback may occasionally run twice in one iteration (uv_poll_t's
+ *    docs already allow spurious calls: handle EAGAIN).
+ * All functions: loop thread only, never block. Fields other than `data` are
+ * read-only. */
+typedef struct rp_poll_s rp_poll_t;
+/* status 0 with `events` a mask of UV_READABLE, UV_WRITABLE, UV_DISCONNECT and
+ * UV_PRIORITIZED (only those watched), or status < 0 (UV_EBADF for an error
+ * condition on the fd, as libuv reports POLLERR) with events 0; after an error
+ * the watcher is stopped. */
+typedef void (*rp_poll_cb)(rp_poll_t* handle, int status, int events);
+typedef void (*rp_poll_close_cb)(rp_poll_t* handle);
+
+struct rp_poll_s {
+  void* data;       /* the user's, untouched by ringpark */
+  uv_loop_t* loop;  /* read-only */
+  int fd;           /* read-only */
+  void* impl_;      /* ringpark's private state, owned until the close callback */
+};
+
+/* Initialises `handle` to watch `fd` and sets `fd` non-blocking, as
+ * uv_poll_init does. Returns 0, UV_EINVAL (null loop or handle), UV_EBADF (fd
+ * is not an open descriptor), UV_ENOMEM (the watcher's state or the loop's
+ * ringpark state cannot be allocated). After 0 the handle must be closed with
+ * rp_poll_close before its memory is reused. */
+int rp_poll_init(uv_loop_t* loop, rp_poll_t* handle, int fd);
+/* Starts watching for `events` (UV_READABLE | UV_WRITABLE | UV_DISCONNECT |
+ * UV_PRIORITIZED), calling `cb` as uv_poll_cb. On an active handle it changes
+ * the mask and callback; events == 0 stops it. The fd is registered in the
+ * ring at the next submission, batched with everything else queued. Returns 0
+ * or UV_EINVAL (null handle, unknown event bits, null cb with events, a handle
+ * being closed). An active watcher keeps the loop alive. */
+int rp_poll_start(rp_poll_t* handle, int events, rp_poll_cb cb);
+/* Stops the watcher at once: no callback runs after this returns, even for an
+ * event already reported to ringpark. The ring's poll is cancelled (its memory
+ * stays with the handle until the kernel lets go), so the fd may be closed
+ * right after this, as with uv_poll_stop. Starting again at once is fine.
+ * Returns 0, or UV_EINVAL for a null handle. */
+int rp_poll_stop(rp_poll_t* handle);
+/* Stops the watcher and releases it. `cb` (may be null) runs exactly once, on a
+ * later loop iteration, after the kernel has posted the last completion for the
+ * handle; from then on the handle's memory may be freed or reused. The loop
+ * stays alive until it has run. Returns 0, or UV_EINVAL for a null handle or
+ * one already closing (the callback then never runs). */
+int rp_poll_close(rp_poll_t* handle, rp_poll_close_cb cb);
+/* 1 while started (and not stopped by the user or by an error), else 0. */
+int rp_poll_is_active(const rp_poll_t* handle);
+
 #ifdef __cplusplus
 }
 #endif

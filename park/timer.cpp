@@ -12,7 +12,7 @@ SteadyClock& SteadyClock::instance() noexcept {
 bool TimerLayer::less(std::size_t a, std::size_t b) const noexcept {
   const TimerEntry* x = heap_[a];
   const TimerEntry* y = heap_[b];
-  if (x->deadline != y->deadline) return x->deadline < y->deadline;
+  if (x->key_ != y->key_) return x->key_ < y->key_;
   return x->seq_ < y->seq_;
 }
 
@@ -61,6 +61,11 @@ void TimerLayer::remove_at(std::size_t i) noexcept {
 void TimerLayer::arm(TimerEntry* entry) {
   if (entry->armed()) remove_at(entry->heap_index_);
   entry->seq_ = next_seq_++;
+  entry->key_ = entry->deadline;
+  // Keep a callback that re-arms itself in the past (a periodic timer behind
+  // schedule) from holding back entries that were due before it.
+  // It sorts after every entry due in this pass, and the pass stops at it.
+  if (firing_ && entry->key_ < firing_now_) entry->key_ = firing_now_;
   entry->heap_index_ = heap_.size();
   heap_.push_back(entry);
   sift_up(entry->heap_index_);
@@ -72,7 +77,7 @@ void TimerLayer::cancel(TimerEntry* entry) noexcept {
 
 Timeout TimerLayer::next_timeout() const noexcept {
   if (heap_.empty()) return std::nullopt;
-  auto left = heap_.front()->deadline - clock_.now();
+  auto left = heap_.front()->key_ - clock_.now();
   if (left < Duration::zero()) return Duration::zero();
   // Round up so that a wake never comes a fraction too early and spins.
   return std::chrono::ceil<Duration>(left);
@@ -89,18 +94,21 @@ void TimerLayer::turn() noexcept {
 }
 
 std::size_t TimerLayer::fire_due() noexcept {
-  // Entries armed by a fire callback for "now" wait for the next pass, so a
-  // timer that re-arms itself with a zero delay cannot loop forever here.
-  const TimePoint now = clock_.now();
-  const std::uint64_t seq_limit = next_seq_;
+  // Entries armed by a fire callback for "now" wait for the next pass (see
+  // arm), so a timer that re-arms itself with a zero delay cannot loop here.
+  const bool nested = firing_;
+  firing_ = true;
+  firing_now_ = clock_.now();
+  const std::uint64_t armed_before = next_seq_;
   std::size_t fired = 0;
   while (!heap_.empty()) {
     TimerEntry* top = heap_.front();
-    if (top->deadline > now || top->seq_ >= seq_limit) break;
+    if (top->key_ > firing_now_ || top->seq_ >= armed_before) break;
     remove_at(0);
     ++fired;
     top->fire(top);
   }
+  firing_ = nested;
   return fired;
 }
 

@@ -39,6 +39,7 @@ struct TimerEntry {
   static constexpr std::size_t kNotArmed = static_cast<std::size_t>(-1);
   std::size_t heap_index_ = kNotArmed;
   std::uint64_t seq_ = 0;  // insertion order breaks ties between equal deadlines
+  TimePoint key_{};        // the heap's order: deadline, or later (see TimerLayer::arm)
 };
 
 class TimerLayer final : public Park {
@@ -48,7 +49,9 @@ class TimerLayer final : public Park {
       : inner_(inner), clock_(clock) {}
 
   // Arms `entry` for entry->deadline; re-arming an armed entry moves it. Loop
-  // thread only; O(log n); fire runs in a later park or turn, never here.
+  // thread only; O(log n); fire runs in a later park or turn, never here. An
+  // entry armed from a fire callback for a time already due fires in the next
+  // pass, after everything that was due in this one.
   void arm(TimerEntry* entry);
   // Disarms `entry`; a no-op when it is not armed. After this, fire never runs.
   void cancel(TimerEntry* entry) noexcept;
@@ -78,6 +81,8 @@ class TimerLayer final : public Park {
   const Clock& clock_;
   std::vector<TimerEntry*> heap_;
   std::uint64_t next_seq_ = 0;
+  bool firing_ = false;
+  TimePoint firing_now_{};  // the `now` of the pass in progress
 };
 
 }  // namespace ringpark::detail

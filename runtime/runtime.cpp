@@ -27,6 +27,7 @@
 #include <cstring>
 #include <exception>
 #include <new>
+#include <thread>
 #include <unordered_set>
 #include <utility>
 
@@ -41,7 +42,8 @@ namespace detail {
 
 class RuntimeImpl {
  public:
-  RuntimeImpl(const ChainOptions& options, uv_loop_t* loop) : loop_(loop) {
+  RuntimeImpl(const ChainOptions& options, uv_loop_t* loop)
+      : loop_(loop), owner_(std::this_thread::get_id()) {
     std::unique_ptr<Reactor> inner;
     if (loop_ != nullptr) {
       // block_on drives libuv: one uv_run(NOWAIT) whenever its fd is ready or
@@ -52,6 +54,14 @@ class RuntimeImpl {
   }
 
   ~RuntimeImpl() {
+    if (std::this_thread::get_id() != owner_ && single_issuer()) {
+      // The kernel refuses every enter from this thread (EEXIST), so the
+      // shutdown could never reap what is in flight: say so rather than spin.
+      std::fprintf(stderr,
+                   "ringpark: Runtime destroyed on a thread other than the one that built it; "
+                   "its ring is SINGLE_ISSUER\n");
+      std::abort();
+    }
     shut_down_ = true;
     chain_->shutdown();
     // Frames may spawn from their destructors; spawn() drops those at once.
@@ -69,7 +79,6 @@ class RuntimeImpl {
 
   Chain& chain() noexcept { return *chain_; }
   uv_loop_t* loop() const noexcept { return loop_; }
-  bool shut_down() const noexcept { return shut_down_; }
 
   // Queues the resumption of `frame` on the executor. Called from completions
   // (noexcept), so running out of memory here is fatal, as in the driver.
@@ -86,8 +95,9 @@ class RuntimeImpl {
   }
 
   void spawn(Task<void> task) {
-    if (shut_down_) return;  // `task` is destroyed without running
     auto handle = TaskAccess::handle(task);
+    if (!handle) throw std::invalid_argument("ringpark::spawn: empty Task");
+    if (shut_down_) return;             // `task` is destroyed without running
     spawned_.insert(handle.address());  // may throw; `task` still owns the frame
     TaskAccess::release(task);
     handle.promise().on_done_ = &RuntimeImpl::on_spawned_done;
@@ -97,8 +107,11 @@ class RuntimeImpl {
 
   void run_until_done(std::coroutine_handle<> task, const bool& done) {
     if (driving_) {
+      throw std::logic_error("ringpark::block_on called from inside a task of the same Runtime");
+    }
+    if (std::this_thread::get_id() != owner_) {
       throw std::logic_error(
-          "ringpark::block_on called from inside a task of the same Runtime");
+          "ringpark::block_on called on a thread other than the one that built the Runtime");
     }
     driving_ = true;
     struct Reset {
@@ -120,6 +133,11 @@ class RuntimeImpl {
     chain_->top().park(std::nullopt);
   }
 
+  bool single_issuer() noexcept {
+    UringDriver* uring = chain_->uring();
+    return uring != nullptr && (uring->probe().setup_flags & IORING_SETUP_SINGLE_ISSUER) != 0;
+  }
+
   static void on_spawned_done(void* context, PromiseBase& promise,
                               std::coroutine_handle<> self) noexcept {
     if (promise.error_) {
@@ -139,6 +157,7 @@ class RuntimeImpl {
   }
 
   uv_loop_t* loop_;
+  std::thread::id owner_;  // the thread that built the runtime and must drive it
   std::unique_ptr<Chain> chain_;
   std::unordered_set<void*> spawned_;  // frames of unfinished spawned tasks
   bool driving_ = false;               // inside run_until_done
@@ -155,9 +174,12 @@ namespace {
 
 BackendChoice to_choice(Backend backend) noexcept {
   switch (backend) {
-    case Backend::uring: return BackendChoice::uring;
-    case Backend::epoll: return BackendChoice::epoll;
-    case Backend::automatic: break;
+    case Backend::uring:
+      return BackendChoice::uring;
+    case Backend::epoll:
+      return BackendChoice::epoll;
+    case Backend::automatic:
+      break;
   }
   return BackendChoice::automatic;
 }
@@ -257,8 +279,7 @@ Result<void> TimeoutAwaitable::await_resume() const noexcept {
   return {error()};
 }
 
-PollAwaitable::PollAwaitable(Runtime& runtime, int fd, unsigned events,
-                             CancelToken* token) noexcept
+PollAwaitable::PollAwaitable(Runtime& runtime, int fd, unsigned events, CancelToken* token) noexcept
     : OpAwaitable(runtime, token) {
   op_.code = OpCode::poll;
   op_.fd = fd;
@@ -358,9 +379,7 @@ Runtime::Runtime(Runtime&& other) noexcept = default;
 Runtime& Runtime::operator=(Runtime&& other) noexcept = default;
 Runtime::~Runtime() = default;
 
-const std::string& Runtime::backend_name() const noexcept {
-  return impl_->chain().backend_name();
-}
+const std::string& Runtime::backend_name() const noexcept { return impl_->chain().backend_name(); }
 
 Stats Runtime::stats() const noexcept {
   detail::ChainStats s = impl_->chain().stats();

@@ -26,8 +26,11 @@ if [ "${RINGPARK_QUICK:-0}" != 1 ]; then
   build build-ubsan -DRINGPARK_SANITIZE=undefined -DRINGPARK_BUILD_SAMPLES=OFF
   ctest --test-dir build-ubsan -j"$jobs" --output-on-failure
   if [ -x tests/libuv_suite/run.sh ] || [ -f tests/libuv_suite/run.sh ]; then
-    for backend in uring epoll; do
-      RINGPARK_BACKEND=$backend bash tests/libuv_suite/run.sh \
+    # io_uring, the fallback, and io_uring sleeping in the ring on every turn
+    # (by default the loop sleeps there only while ringpark has work in flight).
+    for env in RINGPARK_BACKEND=uring RINGPARK_BACKEND=epoll RINGPARK_SLEEP=ring; do
+      echo "== libuv's test suite under rp_uv_run, $env"
+      env "$env" bash tests/libuv_suite/run.sh \
         --ringpark-lib "$PWD/build/libringpark.so" --include "$PWD/include" \
         --work-dir "$PWD/build/libuv_suite"
     done

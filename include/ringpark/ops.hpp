@@ -105,7 +105,7 @@ class OpAwaitable {
 
   std::coroutine_handle<> awaiter_;
   bool in_flight_ = false;  // submitted and not yet finally completed
-  CancelToken* token_;
+  CancelToken* token_;      // the token this op is linked to, or null
   OpAwaitable* token_prev_ = nullptr;
   OpAwaitable* token_next_ = nullptr;
 };
@@ -227,8 +227,8 @@ inline detail::BufferAwaitable read(Runtime& runtime, int fd, Buffer buffer, std
 
 // pwrite(2) of buffer.size() bytes at `offset` (-1: at the file position). A
 // short write is reported, not retried.
-inline detail::BufferAwaitable write(Runtime& runtime, int fd, Buffer buffer,
-                                     std::int64_t offset, CancelToken* token = nullptr) noexcept {
+inline detail::BufferAwaitable write(Runtime& runtime, int fd, Buffer buffer, std::int64_t offset,
+                                     CancelToken* token = nullptr) noexcept {
   return {runtime, detail::OpCode::write, fd, std::move(buffer), offset, 0, token};
 }
 
@@ -263,7 +263,8 @@ inline detail::ConnectAwaitable connect(Runtime& runtime, int fd, const sockaddr
 
 // close(2) through the backend. Operations still in flight on `fd` are not
 // ended by it; cancel them first.
-inline detail::CloseAwaitable close(Runtime& runtime, int fd, CancelToken* token = nullptr) noexcept {
+inline detail::CloseAwaitable close(Runtime& runtime, int fd,
+                                    CancelToken* token = nullptr) noexcept {
   return {runtime, fd, token};
 }
 

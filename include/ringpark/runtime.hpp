@@ -56,17 +56,19 @@ enum class Backend {
 
 // Counters of the runtime's chain; "syscalls per operation" made visible.
 struct Stats {
-  std::uint64_t turns = 0;           // park and turn passes of the driver
-  std::uint64_t enters = 0;          // io_uring_enter calls (epoll_wait on the fallback)
+  std::uint64_t turns = 0;           // park and turn passes of the driver layer
+  std::uint64_t enters = 0;          // io_uring_enter calls (epoll_wait calls on the fallback)
   std::uint64_t sqes_submitted = 0;  // SQEs handed to the kernel (0 on the fallback)
-  std::uint64_t cqes_reaped = 0;     // completions delivered
+  std::uint64_t cqes_reaped = 0;     // CQEs taken off the ring (0 on the fallback)
 };
 
 class Runtime {
  public:
   class Builder {
    public:
-    // Size of the submission queue (io_uring only). Default 256.
+    // Size of the submission queue (io_uring only; the kernel rounds it up to
+    // a power of two). Default 256. A size the kernel refuses makes io_uring
+    // unusable: the fallback runs, or build() throws under Backend::uring.
     Builder& entries(unsigned entries) noexcept {
       entries_ = entries;
       return *this;
@@ -98,6 +100,9 @@ class Runtime {
     uv_loop_t* loop_ = nullptr;
   };
 
+  // Moving keeps every task, operation and awaitable working (they refer to the
+  // implementation, not to this object). A moved-from Runtime may only be
+  // destroyed or assigned to.
   Runtime(Runtime&& other) noexcept;
   Runtime& operator=(Runtime&& other) noexcept;
   Runtime(const Runtime&) = delete;
@@ -106,7 +111,9 @@ class Runtime {
   // Shuts the chain down: every operation in flight is cancelled and reaped
   // (the kernel lets go of every buffer), queued work is dropped, and only then
   // are the frames of unfinished spawned tasks destroyed, without resuming
-  // them. Blocks until the kernel has returned every operation; owner thread.
+  // them. Blocks until the kernel has returned every operation. Owner thread
+  // only: destroying a Runtime whose ring is SINGLE_ISSUER on another thread
+  // aborts with a message (the kernel would refuse to reap it there).
   ~Runtime();
 
   // "io_uring", or "epoll (<why io_uring is not used>)". Never blocks; the
@@ -129,7 +136,8 @@ class Runtime {
 // loop all run inside this call. Blocks until the task finishes; returns its
 // value or rethrows its exception. Throws std::logic_error when called from
 // inside a task running on the same runtime (it would park the chain
-// re-entrantly), and std::invalid_argument for an empty Task.
+// re-entrantly) or on another thread than the one that built the runtime, and
+// std::invalid_argument for an empty Task.
 template <class T>
 T block_on(Runtime& runtime, Task<T> task) {
   auto handle = detail::TaskAccess::handle(task);
@@ -150,7 +158,7 @@ T block_on(Runtime& runtime, Task<T> task) {
 // (std::terminate), as one escaping a std::thread does. A task still unfinished
 // when the Runtime is destroyed is destroyed without being resumed, after every
 // operation has completed. Owner thread; never blocks; throws std::bad_alloc
-// (the task is then destroyed).
+// (the task is then destroyed) and std::invalid_argument for an empty Task.
 void spawn(Runtime& runtime, Task<void> task);
 
 // Queues `fn` to run on the owner thread during a later block_on, and wakes the

@@ -151,7 +151,7 @@ class [[nodiscard]] Task {
       promise_type& p = task.promise();
       p.continuation_ = awaiter;
       p.running_inline_ = true;
-      task.resume();  // until the task suspends or ends
+      task.resume();                         // until the task suspends or ends
       if (!p.running_inline_) return false;  // it ended: the awaiter goes on now
       p.running_inline_ = false;             // it suspended: its end resumes the awaiter
       return true;

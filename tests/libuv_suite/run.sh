@@ -28,7 +28,7 @@ usage: $0 --ringpark-lib PATH/libringpark.so --include DIR [options] [WORK_DIR] 
   -j N                 build jobs (default 2)
   -- TEST...           run only these tests (excluded.txt does not apply)
 
-Prints 'libuv suite: N passed, M failed, K skipped' (K = skipped by libuv
+Prints 'libuv-suite: N passed, M failed, K skipped' (K = skipped by libuv
 itself + excluded by excluded.txt) and exits non-zero if any test failed.
 EOF
 }
@@ -358,7 +358,7 @@ run_suite() {
     echo "failed tests:"
     printf '  %s\n' "${failures[@]}"
   fi
-  echo "libuv suite: $passed passed, $failed failed, $skipped skipped"
+  echo "libuv-suite: $passed passed, $failed failed, $skipped skipped"
   [[ $failed -eq 0 && $rc -eq 0 ]]
 }
 

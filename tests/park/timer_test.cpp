@@ -293,7 +293,7 @@ TEST_F(TimerTest, CancelFromFireCallbackPreventsLaterEntry) {
 // sequence number >= seq_limit, and the loop stops there, so an older entry
 // that is due is not fired in this pass although fire_due promises "every
 // entry whose deadline has passed".
-TEST_F(TimerTest, DISABLED_EntryArmedInThePastFromFireDoesNotHoldBackDueEntries) {
+TEST_F(TimerTest, EntryArmedInThePastFromFireDoesNotHoldBackDueEntries) {
   struct Periodic {
     TimerEntry entry;
     TimerLayer* timers;

@@ -5,6 +5,8 @@
 //
 // GoogleTest's ASSERT_* macros `return`, which a coroutine may not; inside
 // coroutines the tests use EXPECT_* and co_return by hand.
+#include "ringpark/runtime.hpp"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -26,7 +28,6 @@
 #include <vector>
 
 #include "ringpark/ops.hpp"
-#include "ringpark/runtime.hpp"
 #include "ringpark/task.hpp"
 #include "test_util.hpp"
 
@@ -142,8 +143,7 @@ TEST_F(RuntimeTest, BackendNameMatchesTheEnvironment) {
   } else if (env == "uring") {
     EXPECT_EQ(rt().backend_name(), "io_uring");
   } else {
-    EXPECT_TRUE(rt().backend_name() == "io_uring" ||
-                rt().backend_name().rfind("epoll (", 0) == 0)
+    EXPECT_TRUE(rt().backend_name() == "io_uring" || rt().backend_name().rfind("epoll (", 0) == 0)
         << rt().backend_name();
   }
   EXPECT_EQ(rt().loop(), nullptr);
@@ -277,6 +277,20 @@ TEST_F(RuntimeTest, BlockOnInsideATaskIsRefused) {
   EXPECT_TRUE(block_on(rt(), nested(rt())));
 }
 
+TEST_F(RuntimeTest, BlockOnFromAnotherThreadIsRefused) {
+  bool refused = false;
+  std::thread other([&] {
+    try {
+      block_on(rt(), forty_two());
+    } catch (const std::logic_error&) {
+      refused = true;
+    }
+  });
+  other.join();
+  EXPECT_TRUE(refused);
+  EXPECT_EQ(block_on(rt(), forty_two()), 42);  // the owner still drives it
+}
+
 // ---- sleep_for, spawn, post ------------------------------------------------
 
 TEST_F(RuntimeTest, SleepForSleepsAtLeastTheDuration) {
@@ -408,7 +422,9 @@ TEST_F(RuntimeTest, OperationsOfOneTurnShareOneSubmission) {
 TEST_F(RuntimeTest, PollReportsReadiness) {
   SocketPair sp;
   ASSERT_EQ(::write(sp.fds[1], "x", 1), 1);
-  auto body = [](Runtime& rt, int fd) -> Task<Result<unsigned>> { co_return co_await poll(rt, fd, POLLIN); };
+  auto body = [](Runtime& rt, int fd) -> Task<Result<unsigned>> {
+    co_return co_await poll(rt, fd, POLLIN);
+  };
   Result<unsigned> r = block_on(rt(), body(rt(), sp.fds[0]));
   EXPECT_TRUE(r) << r.error.message();
   EXPECT_TRUE(r.value & POLLIN);
@@ -614,7 +630,7 @@ TEST_F(RuntimeTest, DestroyingTheRuntimeEndsUnfinishedSpawnedTasks) {
     ++resumed;
   };
   // Spawned but never started: its frame holds only its parameters.
-  auto unstarted = [](Runtime& rt, Tracker tracker, int& resumed) -> Task<void> {
+  auto unstarted = [](Runtime& rt, [[maybe_unused]] Tracker tracker, int& resumed) -> Task<void> {
     co_await nop(rt);
     ++resumed;
   };

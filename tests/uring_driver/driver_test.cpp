@@ -643,8 +643,9 @@ TYPED_TEST(BackendTest, UnparkFromAnotherThreadWakesPark) {
   std::atomic<bool> sent{false};
   std::thread other([&] {
     std::this_thread::sleep_for(50ms);
-    unparker.unpark();
+    // Set before the unpark, so a park that the unpark ends sees it.
     sent = true;
+    unparker.unpark();
   });
   {
     Watchdog watchdog;
