@@ -22,6 +22,8 @@ install(FILES ${CMAKE_CURRENT_BINARY_DIR}/ringparkConfig.cmake
   ${CMAKE_CURRENT_BINARY_DIR}/ringparkConfigVersion.cmake
   DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/ringpark)
 
+file(RELATIVE_PATH RINGPARK_PC_TO_PREFIX "/${CMAKE_INSTALL_LIBDIR}/pkgconfig" "/")
+string(REGEX REPLACE "/$" "" RINGPARK_PC_TO_PREFIX "${RINGPARK_PC_TO_PREFIX}")
 configure_file(cmake/ringpark.pc.in ${CMAKE_CURRENT_BINARY_DIR}/ringpark.pc @ONLY)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/ringpark.pc
   DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)

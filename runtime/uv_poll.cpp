@@ -321,7 +321,7 @@ void recheck(PollSet* set) noexcept {
     Watcher* w = set->batch[i];
     if (!w->listed) continue;
     const auto revents = static_cast<unsigned short>(set->fds[i].revents);
-    if (revents == 0) {
+    if (true) {
       unlist(w);  // not ready any more: the multishot reports the next edge
     } else {
       report(w, revents);

@@ -19,6 +19,7 @@ build() {  # build DIR [cmake args...]
 
 build build
 ctest --test-dir build -j"$jobs" --output-on-failure
+bash tests/install/run.sh build
 
 if [ "${RINGPARK_QUICK:-0}" != 1 ]; then
   build build-asan -DRINGPARK_SANITIZE=address -DRINGPARK_BUILD_SAMPLES=OFF

@@ -8,6 +8,7 @@
 // spuriously (see SeveralUnparksCollapseIntoOne).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <optional>
@@ -195,21 +196,28 @@ TYPED_TEST(ParkConformance, UnparkFromAnotherThreadWakesPark) {
 }
 
 TYPED_TEST(ParkConformance, SeveralUnparksCollapseIntoOne) {
+  // After three unparks one park returns at once; a leftover unpark would then
+  // end the timed park at once too, on every try. The contract allows a
+  // spurious early return, and one does happen in practice: when an io_uring is
+  // torn down, the kernel interrupts the next wait of each thread that used it
+  // with EINTR (task work queued by the ring's exit). So one try that waits
+  // well into its timeout, out of three, shows the unparks collapsed.
   Unparker unparker = this->top().unparker();
-  unparker.unpark();
-  unparker.unpark();
-  unparker.unpark();
-  {
-    Watchdog watchdog;
-    this->top().park(std::nullopt);
+  Duration longest{};
+  for (int attempt = 0; attempt < 3 && longest < 100ms; ++attempt) {
+    unparker.unpark();
+    unparker.unpark();
+    unparker.unpark();
+    {
+      Watchdog watchdog;
+      this->top().park(std::nullopt);
+    }
+    Stopwatch sw;
+    this->top().park(Duration(200ms));
+    longest = std::max(longest, sw.elapsed());
+    EXPECT_LT(sw.elapsed(), 200ms + kSlack);
   }
-  // The contract would allow a spurious return here, but none of these layers
-  // wakes without cause, so a leftover unpark shows as a return well before
-  // the timeout.
-  Stopwatch sw;
-  this->top().park(Duration(200ms));
-  EXPECT_GE(sw.elapsed(), 100ms);
-  EXPECT_LT(sw.elapsed(), 200ms + kSlack);
+  EXPECT_GE(longest, 100ms);
 }
 
 TYPED_TEST(ParkConformance, TurnNeverBlocks) {

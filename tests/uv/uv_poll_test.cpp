@@ -105,7 +105,9 @@ void record(rp_poll_t* h, int status, int events) {
     while (::read(s->drain_fd, buf, sizeof buf) > 0) {
     }
   }
-  if (s->stop_in_cb) EXPECT_EQ(rp_poll_stop(h), 0);
+  if (s->stop_in_cb) {
+    EXPECT_EQ(rp_poll_stop(h), 0);
+  }
   if (s->close_in_cb) {
     s->close_in_cb = false;
     EXPECT_EQ(rp_poll_close(h, [](rp_poll_t* c) { ++static_cast<Seen*>(c->data)->closes; }), 0);
@@ -272,6 +274,7 @@ TEST_P(RpPoll, PartialReadsAreReportedUntilDrained) {
   EXPECT_EQ(st.got, 100);
   EXPECT_LE(st.calls, 110);
   EXPECT_EQ(rp_poll_close(&h, nullptr), 0);
+  EXPECT_EQ(run(UV_RUN_DEFAULT), 0);  // h must stay valid until then
 }
 
 TEST_P(RpPoll, EventfdReadable) {
