@@ -19,9 +19,10 @@ Timeout UvReactor::timeout() const noexcept {
 void UvReactor::park(Timeout timeout) noexcept {
   // Standing alone (no driver above), parking is libuv's documented embedding:
   // poll its backend fd, then turn it.
-  pollfd pfd{fd(), POLLIN, 0};
-  int r = ::poll(&pfd, 1, to_poll_ms(min_timeout(timeout, this->timeout())));
-  (void)r;  // a timeout, a wake or EINTR: all end in one turn
+  pollfd pfds[2] = {{fd(), POLLIN, 0}, {wake_->fd(), POLLIN, 0}};
+  int r = ::poll(pfds, 2, to_poll_ms(min_timeout(timeout, this->timeout())));
+  if (r > 0 && (pfds[1].revents & POLLIN)) wake_->drain();
+  // A timeout, a wake or EINTR: all end in one turn.
   turn();
 }
 

@@ -12,6 +12,8 @@
 
 #include <uv.h>
 
+#include <memory>
+
 #include "park/park.hpp"
 
 namespace ringpark::detail {
@@ -23,12 +25,15 @@ class UvReactor final : public Reactor {
 
   // `run` is the real uv_run (the preload library interposes the symbol, so it
   // passes the next one in the lookup order). The loop must outlive the reactor.
-  UvReactor(uv_loop_t* loop, TurnMode mode, RunFn run) noexcept
-      : loop_(loop), mode_(mode), run_(run) {}
+  // Throws std::system_error if the wake eventfd cannot be made.
+  UvReactor(uv_loop_t* loop, TurnMode mode, RunFn run)
+      : loop_(loop), mode_(mode), run_(run), wake_(std::make_shared<WakeFd>()) {}
 
+  // Standing alone: poll(2) on libuv's backend fd and our wake fd, bounded by
+  // uv_backend_timeout, then turn. Under a driver only turn() is used.
   void park(Timeout timeout) noexcept override;
   void turn() noexcept override;
-  Unparker unparker() const override { return {}; }
+  Unparker unparker() const override { return Unparker(wake_); }
   void shutdown() noexcept override {}
   int fd() const noexcept override { return uv_backend_fd(loop_); }
   Timeout timeout() const noexcept override;
@@ -41,6 +46,7 @@ class UvReactor final : public Reactor {
   uv_loop_t* loop_;
   TurnMode mode_;
   RunFn run_;
+  std::shared_ptr<const WakeFd> wake_;
   bool ready_ = false;
 };
 
