@@ -64,7 +64,7 @@ class Watchdog {
 
   std::mutex mutex_;
   std::condition_variable cv_;
-  bool done_ = false;  // guarded by mutex_
+  bool done_ = false;   // guarded by mutex_
   std::thread thread_;  // last: starts once the members above exist
 };
 

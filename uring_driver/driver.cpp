@@ -127,6 +127,12 @@ io_uring_sqe* UringDriver::get_sqe() noexcept {
     ++stats_.enters;
     int r = io_uring_submit(&ring_);
     if (r > 0) stats_.sqes_submitted += static_cast<unsigned>(r);
+    if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR) {
+      // The ring refuses submissions for good (-EBADF, -EEXIST from another
+      // thread of a SINGLE_ISSUER ring...): retrying would spin forever.
+      std::fprintf(stderr, "ringpark: io_uring_submit failed: %s\n", errno_name(r));
+      std::abort();
+    }
     if (r == -EBUSY || r == -EAGAIN) {
       // The CQ is backed up: move its entries aside (dispatched by the next
       // reap, never inside submit) so the kernel can take SQEs again.

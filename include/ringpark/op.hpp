@@ -91,7 +91,8 @@ class IoBackend {
  public:
   virtual ~IoBackend() = default;
   // Queues `op`; it completes later, through op->complete, on the loop thread
-  // (never inside this call). Nothing reaches the kernel before the next park or
+  // (never inside this call, except after shutdown(), when it completes inside
+  // it with -ECANCELED). Nothing reaches the kernel before the next park or
   // turn: every op queued during a turn goes out in one submission.
   virtual void submit(Op* op) noexcept = 0;
   // Asks for `op` to end early; it then completes with -ECANCELED (or its real

@@ -33,8 +33,8 @@ using detail::Park;
 using detail::RingOptions;
 using detail::RingProbe;
 using detail::TimerLayer;
-using detail::UringDriver;
 using detail::Unparker;
+using detail::UringDriver;
 
 // ---- Stacks: one per instantiation -----------------------------------------
 
@@ -96,10 +96,10 @@ struct ExecutorOver {
   std::optional<Executor> executor;
 };
 
-using Stacks = ::testing::Types<EpollStack, UringStack, FallbackStack, TimerOver<EpollStack>,
-                                TimerOver<UringStack>, TimerOver<FallbackStack>,
-                                ExecutorOver<EpollStack>, ExecutorOver<UringStack>,
-                                ExecutorOver<FallbackStack>>;
+using Stacks =
+    ::testing::Types<EpollStack, UringStack, FallbackStack, TimerOver<EpollStack>,
+                     TimerOver<UringStack>, TimerOver<FallbackStack>, ExecutorOver<EpollStack>,
+                     ExecutorOver<UringStack>, ExecutorOver<FallbackStack>>;
 
 struct StackName {
   template <class T>
@@ -163,8 +163,9 @@ TYPED_TEST(ParkConformance, BoundedParkReturnsWithinTimeout) {
 
 TYPED_TEST(ParkConformance, BoundedParkDoesNotSpin) {
   // Parking for what is left of 100 ms must actually wait: a layer that ignored
-  // its timeout and returned at once would need thousands of parks. A few
-  // spurious wakes are allowed.
+  // its timeout and returned at once would need thousands of parks. Some
+  // spurious wakes are allowed (see SeveralUnparksCollapseIntoOne for where
+  // they come from).
   Watchdog watchdog;
   const auto deadline = std::chrono::steady_clock::now() + 100ms;
   int parks = 0;
@@ -173,7 +174,7 @@ TYPED_TEST(ParkConformance, BoundedParkDoesNotSpin) {
     this->top().park(Duration(deadline - now));
     ++parks;
   }
-  EXPECT_LE(parks, 10);
+  EXPECT_LE(parks, 50);
 }
 
 TYPED_TEST(ParkConformance, UnparkFromAnotherThreadWakesPark) {
@@ -200,11 +201,13 @@ TYPED_TEST(ParkConformance, SeveralUnparksCollapseIntoOne) {
   // end the timed park at once too, on every try. The contract allows a
   // spurious early return, and one does happen in practice: when an io_uring is
   // torn down, the kernel interrupts the next wait of each thread that used it
-  // with EINTR (task work queued by the ring's exit). So one try that waits
-  // well into its timeout, out of three, shows the unparks collapsed.
+  // with EINTR (task work queued by the ring's exit; a whole-binary run that
+  // tore down several rings just before can owe this thread several). So one
+  // try that waits well into its timeout, out of ten, shows the unparks
+  // collapsed; a layer that keeps a leftover unpark fails every try.
   Unparker unparker = this->top().unparker();
   Duration longest{};
-  for (int attempt = 0; attempt < 3 && longest < 100ms; ++attempt) {
+  for (int attempt = 0; attempt < 10 && longest < 100ms; ++attempt) {
     unparker.unpark();
     unparker.unpark();
     unparker.unpark();

@@ -287,12 +287,10 @@ TEST_F(TimerTest, CancelFromFireCallbackPreventsLaterEntry) {
   EXPECT_EQ(timers_.size(), 0u);
 }
 
-// Disabled: shows a bug in TimerLayer::fire_due (reported, not yet fixed). An
-// entry armed from a fire callback with a deadline already in the past (a
-// periodic timer catching up after a stall) sorts to the top of the heap with a
-// sequence number >= seq_limit, and the loop stops there, so an older entry
-// that is due is not fired in this pass although fire_due promises "every
-// entry whose deadline has passed".
+// A periodic timer behind schedule re-arms itself from its callback with a
+// deadline still in the past. It must not sort ahead of an older entry that is
+// due and stop the pass there: fire_due fires every entry whose deadline has
+// passed (and the re-armed one waits for the next pass).
 TEST_F(TimerTest, EntryArmedInThePastFromFireDoesNotHoldBackDueEntries) {
   struct Periodic {
     TimerEntry entry;
@@ -336,9 +334,7 @@ TEST_F(TimerTest, ShutdownShutsInnerDown) {
   EXPECT_EQ(inner_.shutdowns, 1);
 }
 
-TEST_F(TimerTest, NextTimeoutIsNoneWithoutEntries) {
-  EXPECT_EQ(timers_.next_timeout(), Timeout());
-}
+TEST_F(TimerTest, NextTimeoutIsNoneWithoutEntries) { EXPECT_EQ(timers_.next_timeout(), Timeout()); }
 
 TEST_F(TimerTest, UnparkerIsTheInnerLayers) {
   timers_.unparker().unpark();

@@ -2,17 +2,18 @@
 // a fresh temporary directory, pipes, TCP sockets on 127.0.0.1 only).
 //
 // BackendTest is typed: every op test runs on each backend (the io_uring driver
-// and the epoll fallback). UringDriverTest
-// holds what only the ring has: batching into one io_uring_enter, a full SQ, an
-// overflowing CQ. A backend that cannot be built here skips with its reason.
+// and the epoll fallback). UringDriverTest holds what only the ring has:
+// batching into one io_uring_enter, a full SQ, an overflowing CQ. A backend
+// that cannot be built here skips with its reason.
+#include "uring_driver/driver.hpp"
+
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <array>
@@ -33,7 +34,6 @@
 #include "epoll_bridge/fallback_driver.hpp"
 #include "ringpark/op.hpp"
 #include "test_util.hpp"
-#include "uring_driver/driver.hpp"
 
 namespace ringpark::test {
 namespace {
@@ -775,6 +775,44 @@ TEST_F(UringDriverTest, CompletionQueueOverflowLosesNothing) {
     EXPECT_EQ(op->res, 0);
   }
   EXPECT_EQ(driver().stats().cqes_reaped - before.cqes_reaped, 96u);
+}
+
+TEST_F(UringDriverTest, MultishotPollKeepsReportingAcrossCompletionQueueOverflow) {
+  OPEN_RING_OR_SKIP(8);
+  int r, w;
+  ASSERT_TRUE(pipe(&r, &w, O_NONBLOCK));
+  TestOp& poll = make(OpCode::poll_multishot);
+  poll.op.fd = r;
+  poll.op.flags = POLLIN;
+  poll.then = [r](TestOp& op) {
+    char sink[16];
+    while (op.res > 0 && ::read(r, sink, sizeof sink) > 0) {
+    }
+  };
+  io().submit(&poll.op);
+  driver().park(Duration::zero());
+
+  // Fill the CQ (16 entries) past the brim, then make the poll fire: a kernel
+  // may end a multishot op it cannot post for, which the driver must hide by
+  // re-arming it.
+  std::vector<TestOp*> nops;
+  for (int batch = 0; batch < 3; ++batch) {
+    for (int i = 0; i < 8; ++i) nops.push_back(&nop());
+    driver().flush();
+  }
+  ASSERT_EQ(::write(w, "x", 1), 1);
+  ASSERT_TRUE(run_until([&] { return poll.calls >= 1 && all_done(nops); }));
+  ASSERT_FALSE(poll.done()) << "multishot poll ended by CQ overflow, res " << poll.res;
+
+  ASSERT_EQ(::write(w, "y", 1), 1);
+  ASSERT_TRUE(run_until([&] { return poll.calls >= 2; }));
+  ASSERT_FALSE(poll.done());
+  io().cancel(&poll.op);
+  ASSERT_TRUE(run_until_done(poll));
+  EXPECT_EQ(poll.res, -ECANCELED);
+  for (std::size_t i = 0; i + 1 < poll.results.size(); ++i) {
+    EXPECT_TRUE(poll.results[i].second & kMore) << "completion " << i;
+  }
 }
 
 TEST_F(UringDriverTest, FlushSubmitsWithoutCompleting) {
