@@ -9,10 +9,6 @@
 //                                process, check every echoed byte, print the
 //                                counters and exit 0 (1 on any error), within
 //                                a 60 s alarm: safe to run in CI
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -23,6 +19,7 @@
 #include <string>
 #include <system_error>
 
+#include "ringpark/net.hpp"
 #include "ringpark/ops.hpp"
 #include "ringpark/runtime.hpp"
 #include "ringpark/task.hpp"
@@ -34,45 +31,32 @@ namespace {
 constexpr int kMessagesPerClient = 200;
 constexpr std::size_t kMaxMessage = 32 * 1024;  // large enough for short sends
 
-// Sends all of `data`: a send may take only part of it.
-rp::Task<std::error_code> send_all(rp::Runtime& rt, int fd, rp::Buffer data) {
-  while (!data.empty()) {
-    rp::BufferResult r = co_await rp::send(rt, fd, std::move(data));
-    if (!r) co_return r.error;
-    data = std::move(r.buffer);  // the buffer comes back with the result
-    data.erase(data.begin(), data.begin() + static_cast<std::ptrdiff_t>(r.bytes));
-  }
-  co_return std::error_code();
-}
-
 // Echoes go out in pieces as they arrive; without TCP_NODELAY, Nagle's
 // algorithm would hold each piece back until the peer's delayed ACK.
-void no_delay(int fd) {
-  int one = 1;
-  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-}
-
-rp::Task<void> echo(rp::Runtime& rt, int fd) {
-  no_delay(fd);
+rp::Task<void> echo(rp::TcpStream conn) {
+  conn.set_nodelay(true);
   rp::Buffer buffer(16 * 1024);
   for (;;) {
-    rp::BufferResult r = co_await rp::recv(rt, fd, std::move(buffer));
+    rp::BufferResult r = co_await conn.recv(std::move(buffer));
     if (!r || r.bytes == 0) break;  // an error, or the peer closed
     rp::Buffer out(r.buffer.begin(), r.buffer.begin() + static_cast<std::ptrdiff_t>(r.bytes));
-    if (co_await send_all(rt, fd, std::move(out))) break;
-    buffer = std::move(r.buffer);
+    if (!co_await conn.send_all(std::move(out))) break;  // send_all finishes short sends
+    buffer = std::move(r.buffer);                        // the buffer comes back with the result
   }
-  co_await rp::close(rt, fd);
+  co_await conn.close();
 }
 
-rp::Task<void> serve(rp::Runtime& rt, int listener) {
+rp::Task<void> serve(rp::Runtime& rt, rp::TcpListener& listener) {
   for (;;) {
-    rp::Result<int> conn = co_await rp::accept(rt, listener);
+    rp::Result<rp::TcpStream> conn = co_await listener.accept();
     if (!conn) {
-      std::fprintf(stderr, "accept: %s\n", conn.error.message().c_str());
+      // operation_canceled: the listener was closed, which is how main() stops us.
+      if (conn.error != std::errc::operation_canceled) {
+        std::fprintf(stderr, "accept: %s\n", conn.error.message().c_str());
+      }
       co_return;
     }
-    rp::spawn(rt, echo(rt, conn.value));  // runs detached; freed when it ends
+    rp::spawn(rt, echo(std::move(conn.value)));  // runs detached; freed when it ends
   }
 }
 
@@ -99,16 +83,12 @@ struct Totals {
   int failures = 0;
 };
 
-rp::Task<void> client(rp::Runtime& rt, sockaddr_in addr, int id, Totals& totals, Latch& latch) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  bool ok = fd >= 0;
-  if (ok) {
-    no_delay(fd);
-    rp::Result<void> c =
-        co_await rp::connect(rt, fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
-    if (!c) std::fprintf(stderr, "client %d: connect: %s\n", id, c.error.message().c_str());
-    ok = static_cast<bool>(c);
-  }
+rp::Task<void> client(rp::Runtime& rt, std::uint16_t port, int id, Totals& totals, Latch& latch) {
+  rp::Result<rp::TcpStream> c = co_await rp::TcpStream::connect(rt, "127.0.0.1", port);
+  if (!c) std::fprintf(stderr, "client %d: connect: %s\n", id, c.error.message().c_str());
+  bool ok = static_cast<bool>(c);
+  rp::TcpStream& conn = c.value;
+  if (ok) conn.set_nodelay(true);
   rp::Buffer in(kMaxMessage);
   for (int m = 0; ok && m < kMessagesPerClient; ++m) {
     // Sizes from 1 byte to kMaxMessage, with content that names its position.
@@ -116,15 +96,16 @@ rp::Task<void> client(rp::Runtime& rt, sockaddr_in addr, int id, Totals& totals,
     const std::size_t size = 1 + mix % kMaxMessage;
     rp::Buffer out(size);
     for (std::size_t i = 0; i < size; ++i) out[i] = static_cast<char>('a' + (id + m + i) % 26);
-    rp::Buffer expected = out;
-    if (std::error_code e = co_await send_all(rt, fd, std::move(out))) {
-      std::fprintf(stderr, "client %d: send: %s\n", id, e.message().c_str());
+    rp::BufferResult sent = co_await conn.send_all(std::move(out));
+    if (!sent) {
+      std::fprintf(stderr, "client %d: send: %s\n", id, sent.error.message().c_str());
       ok = false;
       break;
     }
+    const rp::Buffer& expected = sent.buffer;  // send_all gives the buffer back whole
     std::size_t got = 0;
     while (ok && got < size) {
-      rp::BufferResult r = co_await rp::recv(rt, fd, std::move(in));
+      rp::BufferResult r = co_await conn.recv(std::move(in));
       in = std::move(r.buffer);
       if (!r || r.bytes == 0) {
         std::fprintf(stderr, "client %d: recv: %s\n", id,
@@ -143,33 +124,15 @@ rp::Task<void> client(rp::Runtime& rt, sockaddr_in addr, int id, Totals& totals,
       totals.bytes += static_cast<long>(size);
     }
   }
-  if (fd >= 0) co_await rp::close(rt, fd);
+  if (conn.is_open()) co_await conn.close();
   if (!ok) ++totals.failures;
   latch.count_down();
 }
 
-rp::Task<void> self_test(rp::Runtime& rt, sockaddr_in addr, int clients, Totals& totals) {
+rp::Task<void> self_test(rp::Runtime& rt, std::uint16_t port, int clients, Totals& totals) {
   Latch latch{rt, clients, {}};
-  for (int i = 0; i < clients; ++i) rp::spawn(rt, client(rt, addr, i, totals, latch));
+  for (int i = 0; i < clients; ++i) rp::spawn(rt, client(rt, port, i, totals, latch));
   co_await latch;
-}
-
-int listen_on(int port, sockaddr_in* addr) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  int one = 1;
-  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  *addr = sockaddr_in{};
-  addr->sin_family = AF_INET;
-  addr->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr->sin_port = htons(static_cast<std::uint16_t>(port));
-  socklen_t len = sizeof *addr;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(addr), sizeof *addr) != 0 || ::listen(fd, 128) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(addr), &len) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
 }
 
 }  // namespace
@@ -184,16 +147,18 @@ int main(int argc, char** argv) {
   }
   if (self) ::alarm(60);  // bounded in CI: a hang ends the process with SIGALRM
 
-  sockaddr_in addr;
-  int listener = listen_on(port, &addr);
-  if (listener < 0) {
-    std::perror("coro_echo: listen");
-    return 1;
-  }
   int status = 1;
   try {
     rp::Runtime rt = rp::Runtime::Builder().build();
-    std::printf("coro_echo: listening on 127.0.0.1:%d (%s)\n", ntohs(addr.sin_port),
+    // Declared after the Runtime, so destroyed before it.
+    rp::Result<rp::TcpListener> bound =
+        rp::TcpListener::bind(rt, "127.0.0.1", static_cast<std::uint16_t>(port));
+    if (!bound) {
+      std::fprintf(stderr, "coro_echo: listen: %s\n", bound.error.message().c_str());
+      return 1;
+    }
+    rp::TcpListener& listener = bound.value;
+    std::printf("coro_echo: listening on 127.0.0.1:%d (%s)\n", listener.local_port(),
                 rt.backend_name().c_str());
     std::fflush(stdout);
 
@@ -203,7 +168,7 @@ int main(int argc, char** argv) {
       rp::spawn(rt, serve(rt, listener));
       Totals totals;
       auto start = std::chrono::steady_clock::now();
-      rp::block_on(rt, self_test(rt, addr, clients, totals));
+      rp::block_on(rt, self_test(rt, listener.local_port(), clients, totals));
       std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
       rp::Stats s = rt.stats();
       std::printf(
@@ -214,12 +179,13 @@ int main(int argc, char** argv) {
           static_cast<unsigned long long>(s.sqes_submitted),
           static_cast<unsigned long long>(s.cqes_reaped));
       if (totals.failures == 0 && totals.messages == long{clients} * kMessagesPerClient) status = 0;
+      // Closing the listener cancels the server's accept (it returns quietly).
+      rp::block_on(rt, listener.close());
     }
-    // Leaving the scope destroys the Runtime: the server task, still in accept,
-    // and any echo task still in recv are cancelled, reaped and freed.
+    // Leaving the scope destroys the Runtime: any task still in accept or recv
+    // is cancelled, reaped and freed, and its handles closed.
   } catch (const std::exception& e) {
     std::fprintf(stderr, "coro_echo: %s\n", e.what());
   }
-  ::close(listener);  // only now: no operation holds it any more
   return status;
 }
