@@ -181,8 +181,10 @@ int rp_tcp_bind(rp_tcp_t* handle, const struct sockaddr* addr, unsigned int flag
 /* Listens and keeps one multishot accept in flight. `cb` runs once per
  * accepted connection (status 0; call rp_accept inside or later to take it;
  * connections not taken stay queued and are closed with the server), or with
- * a negative status for an accept error. Returns 0, UV_EINVAL (null cb,
- * closing handle), the deferred bind error, or listen(2)'s error. */
+ * a negative status for an accept error. After an error such as UV_EMFILE,
+ * which the next attempt would hit too, accepting resumes 10 ms later (and
+ * each failed attempt is reported) rather than spinning. Returns 0, UV_EINVAL
+ * (null cb, closing handle), the deferred bind error, or listen(2)'s error. */
 int rp_listen(rp_tcp_t* server, int backlog, rp_connection_cb cb);
 /* Hands the oldest queued connection of `server` to `client`, an initialised
  * handle without a socket. Returns 0, UV_EAGAIN when none is queued, UV_EBUSY
@@ -202,10 +204,11 @@ int rp_tcp_connect(rp_connect_t* req, rp_tcp_t* handle, const struct sockaddr* a
  * handle), UV_EALREADY when already reading, or UV_ENOTCONN when the handle
  * has no connected socket. Calls alloc_cb before it returns. */
 int rp_read_start(rp_tcp_t* handle, rp_alloc_cb alloc_cb, rp_read_cb read_cb);
-/* Stops reading; no read callback runs until the next rp_read_start. The
- * recv in flight is cancelled (a request: its buffer is kept for the next
- * start). Returns 0 (also when not reading), or UV_EINVAL for an
- * uninitialised handle. */
+/* Stops reading; no read callback runs until the next rp_read_start (or the
+ * close, which hands back a lent buffer). The recv in flight is cancelled (a
+ * request: its buffer, and any bytes it got, are kept for the next start).
+ * Returns 0 (also when not reading), or UV_EINVAL for an uninitialised
+ * handle. */
 int rp_read_stop(rp_tcp_t* handle);
 /* Queues a write of `bufs` (the array is copied, the bytes are not: they must
  * stay valid until the callback). Writes go out in order, each completely

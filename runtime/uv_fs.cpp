@@ -13,10 +13,19 @@
 #include <new>
 
 #include "ringpark.h"
+#include "runtime/uv_fs.hpp"
 #include "runtime/uv_loop.hpp"
 #include "runtime/uv_private.hpp"
 
 namespace ringpark::detail {
+
+namespace {
+UvFsTwins g_twins;
+}  // namespace
+
+const UvFsTwins& uv_fs_twins() noexcept { return g_twins; }
+void set_uv_fs_twins(const UvFsTwins& twins) noexcept { g_twins = twins; }
+
 namespace {
 
 // One file operation in the ring. Owned by the ring from submit until its
@@ -130,7 +139,7 @@ bool set_buffers(FsOp* f, const uv_buf_t bufs[], unsigned nbufs, OpCode single,
 
 int read_or_write(uv_loop_t* loop, uv_fs_t* req, uv_file file, const uv_buf_t bufs[],
                   unsigned nbufs, std::int64_t offset, uv_fs_cb cb, bool is_write) {
-  auto twin = is_write ? &uv_fs_write : &uv_fs_read;
+  auto twin = is_write ? uv_fs_twins().write : uv_fs_twins().read;
   const OpCode single = is_write ? OpCode::write : OpCode::read;
   const OpCode vectored = is_write ? OpCode::writev : OpCode::readv;
   // libuv's own checks and synchronous mode come first, unchanged.
@@ -192,7 +201,7 @@ int rp_fs_write(uv_loop_t* loop, uv_fs_t* req, uv_file file, const uv_buf_t bufs
 int rp_fs_open(uv_loop_t* loop, uv_fs_t* req, const char* path, int flags, int mode, uv_fs_cb cb) {
   LoopContext* ctx =
       cb == nullptr || req == nullptr || path == nullptr ? nullptr : ring_for(loop, OpCode::openat);
-  if (ctx == nullptr) return uv_fs_open(loop, req, path, flags, mode, cb);
+  if (ctx == nullptr) return uv_fs_twins().open(loop, req, path, flags, mode, cb);
   int err = 0;
   FsOp* f = begin(loop, req, UV_FS_OPEN, OpCode::openat, cb, path, nullptr, &err);
   if (f == nullptr) return err;
@@ -205,7 +214,7 @@ int rp_fs_open(uv_loop_t* loop, uv_fs_t* req, const char* path, int flags, int m
 #define RP_FD_OP(name, twin, type, code)                                \
   int name(uv_loop_t* loop, uv_fs_t* req, uv_file file, uv_fs_cb cb) {  \
     LoopContext* ctx = cb && req ? ring_for(loop, code) : nullptr;      \
-    if (ctx == nullptr) return twin(loop, req, file, cb);               \
+    if (ctx == nullptr) return uv_fs_twins().twin(loop, req, file, cb); \
     int err = 0;                                                        \
     FsOp* f = begin(loop, req, type, code, cb, nullptr, nullptr, &err); \
     if (f == nullptr) return err;                                       \
@@ -214,14 +223,14 @@ int rp_fs_open(uv_loop_t* loop, uv_fs_t* req, const char* path, int flags, int m
     return submit(ctx, f);                                              \
   }
 
-RP_FD_OP(rp_fs_close, uv_fs_close, UV_FS_CLOSE, OpCode::close)
-RP_FD_OP(rp_fs_fsync, uv_fs_fsync, UV_FS_FSYNC, OpCode::fsync)
-RP_FD_OP(rp_fs_fdatasync, uv_fs_fdatasync, UV_FS_FDATASYNC, OpCode::fdatasync)
+RP_FD_OP(rp_fs_close, close, UV_FS_CLOSE, OpCode::close)
+RP_FD_OP(rp_fs_fsync, fsync, UV_FS_FSYNC, OpCode::fsync)
+RP_FD_OP(rp_fs_fdatasync, fdatasync, UV_FS_FDATASYNC, OpCode::fdatasync)
 #undef RP_FD_OP
 
 int rp_fs_ftruncate(uv_loop_t* loop, uv_fs_t* req, uv_file file, int64_t offset, uv_fs_cb cb) {
   LoopContext* ctx = cb == nullptr || req == nullptr ? nullptr : ring_for(loop, OpCode::ftruncate);
-  if (ctx == nullptr) return uv_fs_ftruncate(loop, req, file, offset, cb);
+  if (ctx == nullptr) return uv_fs_twins().ftruncate(loop, req, file, offset, cb);
   int err = 0;
   FsOp* f = begin(loop, req, UV_FS_FTRUNCATE, OpCode::ftruncate, cb, nullptr, nullptr, &err);
   if (f == nullptr) return err;
@@ -234,20 +243,20 @@ int rp_fs_ftruncate(uv_loop_t* loop, uv_fs_t* req, uv_file file, int64_t offset,
 int rp_fs_stat(uv_loop_t* loop, uv_fs_t* req, const char* path, uv_fs_cb cb) {
   LoopContext* ctx =
       cb == nullptr || req == nullptr || path == nullptr ? nullptr : ring_for(loop, OpCode::statx);
-  if (ctx == nullptr) return uv_fs_stat(loop, req, path, cb);
+  if (ctx == nullptr) return uv_fs_twins().stat(loop, req, path, cb);
   return stat_like(ctx, loop, req, UV_FS_STAT, path, -1, cb);
 }
 
 int rp_fs_lstat(uv_loop_t* loop, uv_fs_t* req, const char* path, uv_fs_cb cb) {
   LoopContext* ctx =
       cb == nullptr || req == nullptr || path == nullptr ? nullptr : ring_for(loop, OpCode::statx);
-  if (ctx == nullptr) return uv_fs_lstat(loop, req, path, cb);
+  if (ctx == nullptr) return uv_fs_twins().lstat(loop, req, path, cb);
   return stat_like(ctx, loop, req, UV_FS_LSTAT, path, -1, cb);
 }
 
 int rp_fs_fstat(uv_loop_t* loop, uv_fs_t* req, uv_file file, uv_fs_cb cb) {
   LoopContext* ctx = cb == nullptr || req == nullptr ? nullptr : ring_for(loop, OpCode::statx);
-  if (ctx == nullptr) return uv_fs_fstat(loop, req, file, cb);
+  if (ctx == nullptr) return uv_fs_twins().fstat(loop, req, file, cb);
   return stat_like(ctx, loop, req, UV_FS_FSTAT, nullptr, file, cb);
 }
 
@@ -255,7 +264,7 @@ int rp_fs_unlink(uv_loop_t* loop, uv_fs_t* req, const char* path, uv_fs_cb cb) {
   LoopContext* ctx = cb == nullptr || req == nullptr || path == nullptr
                          ? nullptr
                          : ring_for(loop, OpCode::unlinkat);
-  if (ctx == nullptr) return uv_fs_unlink(loop, req, path, cb);
+  if (ctx == nullptr) return uv_fs_twins().unlink(loop, req, path, cb);
   int err = 0;
   FsOp* f = begin(loop, req, UV_FS_UNLINK, OpCode::unlinkat, cb, path, nullptr, &err);
   if (f == nullptr) return err;
@@ -266,7 +275,7 @@ int rp_fs_mkdir(uv_loop_t* loop, uv_fs_t* req, const char* path, int mode, uv_fs
   LoopContext* ctx = cb == nullptr || req == nullptr || path == nullptr
                          ? nullptr
                          : ring_for(loop, OpCode::mkdirat);
-  if (ctx == nullptr) return uv_fs_mkdir(loop, req, path, mode, cb);
+  if (ctx == nullptr) return uv_fs_twins().mkdir(loop, req, path, mode, cb);
   int err = 0;
   FsOp* f = begin(loop, req, UV_FS_MKDIR, OpCode::mkdirat, cb, path, nullptr, &err);
   if (f == nullptr) return err;
@@ -280,7 +289,7 @@ int rp_fs_rename(uv_loop_t* loop, uv_fs_t* req, const char* path, const char* ne
   LoopContext* ctx = cb == nullptr || req == nullptr || path == nullptr || new_path == nullptr
                          ? nullptr
                          : ring_for(loop, OpCode::renameat);
-  if (ctx == nullptr) return uv_fs_rename(loop, req, path, new_path, cb);
+  if (ctx == nullptr) return uv_fs_twins().rename(loop, req, path, new_path, cb);
   int err = 0;
   FsOp* f = begin(loop, req, UV_FS_RENAME, OpCode::renameat, cb, path, new_path, &err);
   if (f == nullptr) return err;

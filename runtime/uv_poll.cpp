@@ -2,10 +2,11 @@
 // rp_uv_attach, which readies a loop for ringpark under a stock uv_run.
 //
 // How a watcher gets uv_poll_t's level-triggered semantics out of the ring:
-// - While started, a watcher holds one multishot POLL_ADD (OpCode::
-//   poll_multishot). Starting N watchers in one iteration queues N SQEs, which
-//   the loop's next submission hands over in one io_uring_enter. The driver
-//   re-arms a multishot the kernel ends by itself, so the watcher sees no gap.
+// - While started, a watcher holds one multishot POLL_ADD
+//   (OpCode::poll_multishot). Starting N watchers in one iteration queues N
+//   SQEs, which the loop's next submission hands over in one io_uring_enter.
+//   The driver re-arms a multishot the kernel ends by itself, so the watcher
+//   sees no gap.
 // - A multishot poll is edge-triggered: the kernel reports a wakeup of the fd's
 //   wait queue, not the state "still readable". uv_poll_t promises the callback
 //   again on the next iteration while the fd stays ready (a callback that did
@@ -27,6 +28,8 @@
 // add/remove) for every event, and under rp_uv_run it reports an undrained fd
 // over and over inside one libuv iteration. Here an event costs a CQE, plus a
 // share of one poll(2) per iteration for the watchers reported last time.
+// On the epoll fallback a multishot poll is level-triggered already (reported
+// once per turn while ready); the same list then only coalesces the reports.
 //
 // Memory the kernel may touch: a watcher's two Ops. They live in the watcher's
 // private state (rp_poll_t::impl_), which is freed only after both are idle
@@ -321,7 +324,7 @@ void recheck(PollSet* set) noexcept {
     Watcher* w = set->batch[i];
     if (!w->listed) continue;
     const auto revents = static_cast<unsigned short>(set->fds[i].revents);
-    if (true) {
+    if (revents == 0) {
       unlist(w);  // not ready any more: the multishot reports the next edge
     } else {
       report(w, revents);

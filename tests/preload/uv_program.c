@@ -1,15 +1,21 @@
-/* An ordinary libuv program, built without ringpark (it links libuv only): a
- * TCP echo round trip over 127.0.0.1, bounded by a uv_timer, run with
- * uv_run(UV_RUN_DEFAULT). preload_test.sh runs it plain and with
- * libringpark-preload.so in LD_PRELOAD.
+/* An ordinary libuv program, built without ringpark (it links libuv only):
+ * first a chain of asynchronous file requests (uv_fs_mkdir, open, write, fsync,
+ * fdatasync, ftruncate, fstat, read, close, stat, lstat, rename, unlink, each
+ * started from the previous one's callback, then a synchronous uv_fs_stat and
+ * uv_fs_rmdir), then a TCP echo round trip over 127.0.0.1, bounded by a
+ * uv_timer; both run with uv_run(UV_RUN_DEFAULT). preload_test.sh runs it
+ * plain and with libringpark-preload.so in LD_PRELOAD.
  *
- * At the end it looks ringpark up at run time (dlsym(RTLD_DEFAULT)), since it
- * has no link dependency on it, and prints either
+ * It prints "fs: ok" after correct file results, and looks ringpark up at run
+ * time (dlsym(RTLD_DEFAULT)), since it has no link dependency on it. If found,
+ * it prints what the file requests added to the loop's counters:
+ *   ringpark fs requests: 13 sqes: N cqes: N
+ * and at the end
  *   ringpark backend: <name>
  *   ringpark turns: N enters: N cqes: N
- * or
+ * or, without ringpark,
  *   ringpark: absent
- * Exits 0 after a correct echo, 1 otherwise.
+ * Exits 0 after correct file results and a correct echo, 1 otherwise.
  *
  * `uv_program --probe-io-uring` instead asks the kernel directly whether this
  * process may set up an io_uring (exit 0), or says why not (exit 1), so that the
@@ -17,9 +23,11 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/io_uring.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -154,6 +162,150 @@ static void close_any(uv_handle_t* h, void* arg) {
   if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
+/* ---- Asynchronous file requests ---------------------------------------- */
+
+static const char kFileData[] = "file data through uv_fs_*";
+enum { kFsRequests = 13 };
+
+static struct {
+  char dir[64];
+  char sub[96];
+  char path[128];
+  char moved[128];
+  uv_fs_t req;
+  uv_buf_t buf;
+  char in[64];
+  uv_file file;
+  int step;
+  int64_t size;
+  int failed;
+} fsw;
+
+static void fs_fail(const char* what, int result) {
+  fprintf(stderr, "uv_program: %s (step %d): %s\n", what, fsw.step, uv_strerror(result));
+  fsw.failed = 1;
+}
+
+/* One request per callback: each starts the next. */
+static void fs_step(uv_fs_t* req) {
+  uv_loop_t* l = req->loop;
+  ssize_t result = req->result;
+  uv_fs_type type = req->fs_type;
+  int r = 0;
+  if (type == UV_FS_FSTAT && result == 0) fsw.size = (int64_t)req->statbuf.st_size;
+  uv_fs_req_cleanup(req);
+  if (result < 0) {
+    fs_fail("file request", (int)result);
+    return;
+  }
+  if (type == UV_FS_OPEN) fsw.file = (uv_file)result;
+  if (type == UV_FS_READ) fsw.in[result] = '\0';
+  if (type == UV_FS_WRITE && result != (ssize_t)(sizeof kFileData - 1)) {
+    fprintf(stderr, "uv_program: short write (%zd)\n", result);
+    fsw.failed = 1;
+    return;
+  }
+  switch (++fsw.step) {
+    case 1:
+      r = uv_fs_open(l, req, fsw.path, O_RDWR | O_CREAT | O_TRUNC, 0600, fs_step);
+      break;
+    case 2:
+      fsw.buf = uv_buf_init((char*)kFileData, sizeof kFileData - 1);
+      r = uv_fs_write(l, req, fsw.file, &fsw.buf, 1, 0, fs_step);
+      break;
+    case 3:
+      r = uv_fs_fsync(l, req, fsw.file, fs_step);
+      break;
+    case 4:
+      r = uv_fs_fdatasync(l, req, fsw.file, fs_step);
+      break;
+    case 5:
+      r = uv_fs_ftruncate(l, req, fsw.file, 9, fs_step); /* "file data" */
+      break;
+    case 6:
+      r = uv_fs_fstat(l, req, fsw.file, fs_step);
+      break;
+    case 7:
+      fsw.buf = uv_buf_init(fsw.in, sizeof fsw.in - 1);
+      r = uv_fs_read(l, req, fsw.file, &fsw.buf, 1, 0, fs_step);
+      break;
+    case 8:
+      r = uv_fs_close(l, req, fsw.file, fs_step);
+      break;
+    case 9:
+      r = uv_fs_stat(l, req, fsw.path, fs_step);
+      break;
+    case 10:
+      r = uv_fs_lstat(l, req, fsw.path, fs_step);
+      break;
+    case 11:
+      r = uv_fs_rename(l, req, fsw.path, fsw.moved, fs_step);
+      break;
+    case 12:
+      r = uv_fs_unlink(l, req, fsw.moved, fs_step);
+      break;
+    default:
+      return; /* all 13 done */
+  }
+  if (r < 0) fs_fail("starting a file request", r);
+}
+
+/* Runs the chain on `loop`; returns 0 when every result was right. */
+static int run_file_requests(stats_fn stats) {
+  stats_t before, after;
+  int r;
+  memset(&before, 0, sizeof before);
+  memset(&after, 0, sizeof after);
+  strcpy(fsw.dir, "/tmp/ringpark-preload-XXXXXX");
+  if (mkdtemp(fsw.dir) == NULL) {
+    perror("uv_program: mkdtemp");
+    return 1;
+  }
+  snprintf(fsw.sub, sizeof fsw.sub, "%s/sub", fsw.dir);
+  snprintf(fsw.path, sizeof fsw.path, "%s/file", fsw.sub);
+  snprintf(fsw.moved, sizeof fsw.moved, "%s/moved", fsw.sub);
+  if (stats != NULL) stats(loop, &before);
+
+  r = uv_fs_mkdir(loop, &fsw.req, fsw.sub, 0700, fs_step);
+  if (r < 0) fs_fail("uv_fs_mkdir", r);
+  r = uv_run(loop, UV_RUN_DEFAULT);
+  if (r != 0) {
+    fprintf(stderr, "uv_program: uv_run returned %d after the file requests\n", r);
+    fsw.failed = 1;
+  }
+  if (!fsw.failed && fsw.step != kFsRequests) {
+    fprintf(stderr, "uv_program: the file chain stopped after %d of %d requests\n", fsw.step,
+            kFsRequests);
+    fsw.failed = 1;
+  }
+  if (!fsw.failed && (fsw.size != 9 || strcmp(fsw.in, "file data") != 0)) {
+    fprintf(stderr, "uv_program: read back \"%s\" from a file of %lld bytes\n", fsw.in,
+            (long long)fsw.size);
+    fsw.failed = 1;
+  }
+  /* Synchronous requests (cb == NULL) stay libuv's: the file is gone, the
+   * directory is there and empty. */
+  r = uv_fs_stat(loop, &fsw.req, fsw.moved, NULL);
+  uv_fs_req_cleanup(&fsw.req);
+  if (r != UV_ENOENT) fs_fail("synchronous uv_fs_stat of the unlinked file", r);
+  r = uv_fs_stat(loop, &fsw.req, fsw.sub, NULL);
+  uv_fs_req_cleanup(&fsw.req);
+  if (r != 0) fs_fail("synchronous uv_fs_stat", r);
+  r = uv_fs_rmdir(loop, &fsw.req, fsw.sub, NULL);
+  uv_fs_req_cleanup(&fsw.req);
+  if (r != 0) fs_fail("synchronous uv_fs_rmdir", r);
+  rmdir(fsw.dir);
+
+  printf("fs: %s\n", fsw.failed ? "failed" : "ok");
+  if (stats != NULL) {
+    stats(loop, &after);
+    printf("ringpark fs requests: %d sqes: %llu cqes: %llu\n", kFsRequests,
+           (unsigned long long)(after.sqes_submitted - before.sqes_submitted),
+           (unsigned long long)(after.cqes_reaped - before.cqes_reaped));
+  }
+  return fsw.failed;
+}
+
 static int probe_io_uring(void) {
   struct io_uring_params params;
   long fd;
@@ -174,6 +326,7 @@ int main(int argc, char** argv) {
   int r;
   backend_fn backend;
   stats_fn stats;
+  int fs_failed;
 
   if (argc > 1 && strcmp(argv[1], "--probe-io-uring") == 0) return probe_io_uring();
   if (argc > 1) {
@@ -182,6 +335,12 @@ int main(int argc, char** argv) {
   }
 
   loop = uv_default_loop();
+  /* Ringpark, if something put it in this process. */
+  backend = (backend_fn)dlsym(RTLD_DEFAULT, "rp_backend");
+  stats = (stats_fn)dlsym(RTLD_DEFAULT, "rp_stats");
+  if (backend == NULL) stats = NULL;
+  fs_failed = run_file_requests(stats);
+
   uv_ip4_addr("127.0.0.1", 0, &addr);
   uv_tcp_init(loop, &server);
   r = uv_tcp_bind(&server, (const struct sockaddr*)&addr, 0);
@@ -213,9 +372,6 @@ int main(int argc, char** argv) {
   }
   printf("echo: %s\n", failed ? "failed" : "ok");
 
-  /* Ringpark, if something put it in this process. */
-  backend = (backend_fn)dlsym(RTLD_DEFAULT, "rp_backend");
-  stats = (stats_fn)dlsym(RTLD_DEFAULT, "rp_stats");
   if (backend != NULL && stats != NULL) {
     stats_t s;
     memset(&s, 0, sizeof s);
@@ -239,5 +395,5 @@ int main(int argc, char** argv) {
     failed = 1;
   }
   fflush(stdout);
-  return failed ? 1 : 0;
+  return failed || fs_failed ? 1 : 0;
 }

@@ -1,6 +1,7 @@
 // rp_poll_t against uv_poll_t's contract, on real fds (pipes, eventfds, TCP over
 // 127.0.0.1). Every test runs under both a stock uv_run and rp_uv_run (the
 // value parameter), and, through CTest, on both backends.
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -11,12 +12,11 @@
 #include <unistd.h>
 #include <uv.h>
 
-#include <arpa/inet.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -89,9 +89,9 @@ struct Seen {
   int all_events = 0;
   int closes = 0;
   // Optional behaviour inside the callback.
-  int drain_fd = -1;          // read everything from this fd
-  bool stop_in_cb = false;    // rp_poll_stop on the first call
-  bool close_in_cb = false;   // rp_poll_close on the first call
+  int drain_fd = -1;         // read everything from this fd
+  bool stop_in_cb = false;   // rp_poll_stop on the first call
+  bool close_in_cb = false;  // rp_poll_close on the first call
 };
 
 void record(rp_poll_t* h, int status, int events) {
@@ -178,7 +178,8 @@ TEST_P(RpPoll, QuietUntilTheFdBecomesReadable) {
   h.data = &seen;
   ASSERT_EQ(rp_poll_init(&loop_, &h, p.r), 0);
   ASSERT_EQ(rp_poll_start(&h, UV_READABLE, &record), 0);
-  for (int i = 0; i < 20; ++i) EXPECT_NE(run(UV_RUN_NOWAIT), 0) << "an active watcher keeps the loop alive";
+  for (int i = 0; i < 20; ++i)
+    EXPECT_NE(run(UV_RUN_NOWAIT), 0) << "an active watcher keeps the loop alive";
   EXPECT_EQ(seen.calls, 0);
   ASSERT_EQ(::write(p.w, "x", 1), 1);
   ASSERT_TRUE(run_until([&] { return seen.calls > 0; }));
@@ -401,6 +402,57 @@ TEST_P(RpPoll, StopSilencesAPendingEventAndStartResumes) {
   close_and_wait(&h, &seen);
 }
 
+TEST_P(RpPoll, FdClosedRightAfterStopAndItsNumberReused) {
+  // uv_poll_t's docs: the fd may be closed right after uv_poll_stop. The next
+  // fd with the same number must be watchable, and the old watcher silent.
+  auto old_pipe = std::make_unique<Pipe>();
+  const int old_fd = old_pipe->r;
+  rp_poll_t old_h, new_h;
+  Seen old_seen, new_seen;
+  old_h.data = &old_seen;
+  new_h.data = &new_seen;
+  new_seen.drain_fd = -1;
+  ASSERT_EQ(rp_poll_init(&loop_, &old_h, old_fd), 0);
+  ASSERT_EQ(rp_poll_start(&old_h, UV_READABLE, &record), 0);
+  run(UV_RUN_NOWAIT);  // the poll is in the kernel now
+  ASSERT_EQ(rp_poll_stop(&old_h), 0);
+  old_pipe.reset();  // both ends closed
+  Pipe reused;
+  if (reused.r != old_fd) GTEST_SKIP() << "the fd number was not reused";
+  new_seen.drain_fd = reused.r;
+  ASSERT_EQ(rp_poll_init(&loop_, &new_h, reused.r), 0);
+  ASSERT_EQ(rp_poll_start(&new_h, UV_READABLE, &record), 0);
+  for (int i = 0; i < 3; ++i) run(UV_RUN_NOWAIT);
+  ASSERT_EQ(::write(reused.w, "x", 1), 1);
+  ASSERT_TRUE(run_until([&] { return new_seen.calls > 0; }));
+  EXPECT_EQ(new_seen.events, UV_READABLE);
+  EXPECT_EQ(old_seen.calls, 0);
+  close_and_wait(&new_h, &new_seen);
+  close_and_wait(&old_h, &old_seen);
+}
+
+TEST_P(RpPoll, TwoWatchersOnOneFdBothReport) {
+  // uv_poll_init refuses a second handle for an fd (UV_EEXIST); the ring has
+  // no such limit, and each watcher gets its own callbacks.
+  int efd = ::eventfd(1, EFD_CLOEXEC);
+  ASSERT_GE(efd, 0);
+  rp_poll_t a, b;
+  Seen sa, sb;
+  sa.stop_in_cb = sb.stop_in_cb = true;
+  a.data = &sa;
+  b.data = &sb;
+  ASSERT_EQ(rp_poll_init(&loop_, &a, efd), 0);
+  ASSERT_EQ(rp_poll_init(&loop_, &b, efd), 0);
+  ASSERT_EQ(rp_poll_start(&a, UV_READABLE, &record), 0);
+  ASSERT_EQ(rp_poll_start(&b, UV_READABLE | UV_WRITABLE, &record), 0);
+  ASSERT_TRUE(run_until([&] { return sa.calls > 0 && sb.calls > 0; }));
+  EXPECT_EQ(sa.events, UV_READABLE);
+  EXPECT_EQ(sb.events, UV_READABLE | UV_WRITABLE);
+  close_and_wait(&a, &sa);
+  close_and_wait(&b, &sb);
+  ::close(efd);
+}
+
 TEST_P(RpPoll, StopAndStartManyTimesInOneTurn) {
   // Each start after a stop needs a new poll while the old one's cancel is in
   // flight: more restarts than the watcher has ops must still end in exactly
@@ -496,7 +548,7 @@ TEST_P(RpPoll, CloseWhileActiveRunsTheCloseCallbackOnce) {
   h.data = &seen;
   ASSERT_EQ(rp_poll_init(&loop_, &h, p.r), 0);
   ASSERT_EQ(rp_poll_start(&h, UV_READABLE, &record), 0);
-  run(UV_RUN_NOWAIT);  // the poll is in the kernel now
+  run(UV_RUN_NOWAIT);                  // the poll is in the kernel now
   ASSERT_EQ(::write(p.w, "x", 1), 1);  // a CQE may be on its way
   ASSERT_EQ(rp_poll_close(&h, &count_close), 0);
   EXPECT_EQ(rp_poll_close(&h, &count_close), UV_EINVAL) << "already closing";
@@ -584,6 +636,109 @@ TEST_P(RpPoll, BadInput) {
   EXPECT_EQ(rp_poll_is_active(&h), 0) << "a refused start changes nothing";
   close_and_wait(&h, &seen);
   EXPECT_EQ(rp_poll_start(&h, UV_READABLE, &record), UV_EINVAL) << "closed";
+}
+
+TEST_P(RpPoll, RandomStartStopCloseSequencesKeepTheContract) {
+  // Seeded, bounded churn: starts with random masks, stops, closes and
+  // re-inits, writes and drains, mixed with loop iterations. Checked: no
+  // callback for a stopped or closed watcher, only watched events reported,
+  // exactly one close callback per close. ASan checks the op memory.
+  constexpr int kWatchers = 16;
+  struct Slot {
+    rp_poll_t h;
+    int efd = -1;
+    bool open = false;
+    bool active = false;
+    int mask = 0;
+    int calls = 0;
+    int closes = 0;
+    int closes_expected = 0;
+    int bad = 0;
+  };
+  std::vector<Slot> all(kWatchers);
+  auto cb = [](rp_poll_t* h, int status, int events) {
+    Slot* s = static_cast<Slot*>(h->data);
+    ++s->calls;
+    if (!s->open || !s->active) ++s->bad;
+    if (status == 0 && (events & ~s->mask) != 0) ++s->bad;
+    if (status != 0) s->active = false;  // stopped by the error
+    if (events & UV_READABLE) {
+      std::uint64_t v;
+      (void)!::read(s->efd, &v, sizeof v);
+    }
+  };
+  auto on_close = [](rp_poll_t* h) { ++static_cast<Slot*>(h->data)->closes; };
+  for (Slot& s : all) {
+    s.efd = ::eventfd(0, EFD_CLOEXEC);
+    ASSERT_GE(s.efd, 0);
+  }
+  std::mt19937 rng(12345);
+  Watchdog dog(30s, "random churn");
+  for (int step = 0; step < 3000; ++step) {
+    Slot& s = all[rng() % kWatchers];
+    switch (rng() % 7) {
+      case 0:
+        if (!s.open) {
+          s.h.data = &s;
+          ASSERT_EQ(rp_poll_init(&loop_, &s.h, s.efd), 0);
+          s.open = true;
+        }
+        break;
+      case 1:
+      case 2:
+        if (s.open) {
+          const int masks[] = {UV_READABLE, UV_WRITABLE, UV_READABLE | UV_WRITABLE,
+                               UV_READABLE | UV_DISCONNECT};
+          s.mask = masks[rng() % 4];
+          ASSERT_EQ(rp_poll_start(&s.h, s.mask, cb), 0);
+          s.active = true;
+        }
+        break;
+      case 3:
+        if (s.open) {
+          ASSERT_EQ(rp_poll_stop(&s.h), 0);
+          s.active = false;
+        }
+        break;
+      case 4:
+        if (s.open) {
+          ASSERT_EQ(rp_poll_close(&s.h, on_close), 0);
+          s.open = s.active = false;
+          ++s.closes_expected;
+          // The handle must stay untouched until its close callback.
+          ASSERT_TRUE(run_until([&] { return s.closes == s.closes_expected; }));
+        }
+        break;
+      case 5: {
+        std::uint64_t one = 1;
+        ASSERT_EQ(::write(s.efd, &one, sizeof one), 8);
+        break;
+      }
+      case 6:
+        run(UV_RUN_NOWAIT);
+        break;
+    }
+  }
+  for (Slot& s : all) {
+    if (s.open) {
+      ASSERT_EQ(rp_poll_close(&s.h, on_close), 0);
+      s.open = s.active = false;
+      ++s.closes_expected;
+    }
+  }
+  ASSERT_TRUE(run_until([&] {
+    for (const Slot& s : all)
+      if (s.closes != s.closes_expected) return false;
+    return true;
+  }));
+  int calls = 0;
+  for (const Slot& s : all) {
+    EXPECT_EQ(s.bad, 0);
+    EXPECT_EQ(s.closes, s.closes_expected);
+    calls += s.calls;
+    ::close(s.efd);
+  }
+  EXPECT_GT(calls, 0);
 }
 
 TEST_P(RpPoll, ThousandWatchersStartedInOneTurnCostOneEnter) {
