@@ -1,8 +1,10 @@
 #include "runtime/uv_loop.hpp"
 
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +22,12 @@ namespace ringpark::detail {
 namespace {
 
 UvReactor::RunFn g_real_uv_run = nullptr;
+
+// Bumped in every forked child, so that a context can tell it was made by the
+// parent without a getpid() call on every operation.
+std::atomic<unsigned> g_fork_generation{0};
+[[maybe_unused]] const int g_atfork_registered =
+    ::pthread_atfork(nullptr, nullptr, [] { g_fork_generation.fetch_add(1); });
 
 std::mutex g_registry_mutex;
 std::unordered_map<uv_loop_t*, LoopContext*>& registry() {
@@ -44,7 +52,7 @@ LoopContext* LoopContext::get(uv_loop_t* loop) noexcept {
   auto it = map.find(loop);
   if (it != map.end()) {
     LoopContext* ctx = it->second;
-    if (ctx->pid_ != ::getpid()) {
+    if (ctx->fork_generation_ != g_fork_generation.load(std::memory_order_relaxed)) {
       // A forked child: the ring still belongs to the parent (cancelling through
       // it would cancel the parent's operations), so leave the old context alone
       // and only take its handles out of the child's copy of the loop.
@@ -70,7 +78,8 @@ LoopContext* LoopContext::get(uv_loop_t* loop) noexcept {
   }
 }
 
-LoopContext::LoopContext(uv_loop_t* loop) : loop_(loop), pid_(::getpid()) {
+LoopContext::LoopContext(uv_loop_t* loop)
+    : loop_(loop), fork_generation_(g_fork_generation.load(std::memory_order_relaxed)) {
   // RINGPARK_SLEEP=ring: sleep in the ring on every turn that may block, even
   // with nothing of ringpark's in flight (to measure it, and so that libuv's
   // test suite can exercise that path); the default sleeps there only when

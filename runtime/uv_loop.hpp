@@ -64,7 +64,7 @@ class LoopContext {
   static void on_deadline(uv_timer_t* handle);
 
   uv_loop_t* loop_;
-  int pid_;
+  unsigned fork_generation_;  // see g_fork_generation
   UvReactor* reactor_;  // owned by chain_
   std::unique_ptr<Chain> chain_;
   int eventfd_ = -1;  // io_uring only: signalled by the kernel on every CQE

@@ -273,13 +273,16 @@ void UringDriver::cancel(Op* op) noexcept {
   io_uring_sqe_set_data64(sqe, 0);  // its own CQE says nothing we need
 }
 
-void UringDriver::arm_internal() noexcept {
+void UringDriver::arm_internal(bool watch_inner) noexcept {
   if (shutting_down_) return;
   if (wake_op_.state == Op::State::idle) {
     prepare(get_sqe(), &wake_op_);
     track(&wake_op_);
   }
-  if (inner_ == nullptr) return;
+  // Only a wait needs the reactor's fd in the ring. Arming it in a non-blocking
+  // turn would cost a CQE (and, under libuv, an eventfd wake and an enter) each
+  // time libuv's own epoll_wait wakes.
+  if (inner_ == nullptr || !watch_inner) return;
   int fd = inner_->fd();
   if (reactor_op_.state == Op::State::idle) {
     if (fd >= 0) {
@@ -407,7 +410,7 @@ void UringDriver::on_reactor_ready(Op* op, int res, std::uint32_t) noexcept {
 void UringDriver::park(Timeout timeout) noexcept {
   if (closed_) return;
   ++stats_.turns;
-  arm_internal();
+  arm_internal(/*watch_inner=*/true);
   const Timeout inner_timeout = inner_ ? inner_->timeout() : std::nullopt;
   const auto start = inner_timeout ? std::chrono::steady_clock::now()
                                    : std::chrono::steady_clock::time_point{};
@@ -424,7 +427,7 @@ void UringDriver::park(Timeout timeout) noexcept {
 void UringDriver::turn() noexcept {
   if (closed_) return;
   ++stats_.turns;
-  arm_internal();
+  arm_internal(/*watch_inner=*/false);
   enter(Duration::zero());
   reap();
   if (inner_ && reactor_ready_) {

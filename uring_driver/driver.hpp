@@ -80,7 +80,7 @@ class UringDriver final : public Park, public IoBackend {
   io_uring_sqe* get_sqe() noexcept;
   void prepare(io_uring_sqe* sqe, Op* op) noexcept;
   void complete_later(Op* op, int res) noexcept;
-  void arm_internal() noexcept;
+  void arm_internal(bool watch_inner) noexcept;
   int enter(Timeout timeout) noexcept;
   std::size_t reap() noexcept;
   std::size_t take_cqes(std::vector<Cqe>& out) noexcept;
