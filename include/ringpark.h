@@ -138,15 +138,15 @@ typedef void (*rp_close_cb)(rp_tcp_t* handle);
  * handle's state (runtime/uv_tcp.cpp checks at build time that they fit).
  * Never touch them. */
 struct rp_tcp_s {
-  void* data;       /* for the user */
-  uv_loop_t* loop;  /* read-only */
+  void* data;      /* for the user */
+  uv_loop_t* loop; /* read-only */
   uint64_t private_[56];
 };
 
 struct rp_write_s {
-  void* data;         /* for the user */
-  rp_tcp_t* handle;   /* read-only */
-  rp_write_cb cb;     /* read-only */
+  void* data;       /* for the user */
+  rp_tcp_t* handle; /* read-only */
+  rp_write_cb cb;   /* read-only */
   uint64_t private_[40];
 };
 

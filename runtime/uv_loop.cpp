@@ -202,8 +202,16 @@ void LoopContext::sleep_in_ring() noexcept {
     // executor -> timer -> driver: the driver folds uv_backend_timeout into its
     // wait and "turns" the reactor (marks it ready) when libuv's epoll fd is
     // readable or libuv's next timer is due.
+    const std::uint64_t reaped = uring->stats().cqes_reaped;
     chain_->top().park(std::nullopt);
     if (reactor_->ready() || !(busy() || always_ring_)) break;
+    if (mode_ == UV_RUN_ONCE && uring->stats().cqes_reaped != reaped) {
+      // Ringpark callbacks ran: that is the progress ONCE waits for. Return to
+      // libuv, whose poll must then not block: the eventfd makes it readable.
+      std::uint64_t one = 1;
+      (void)!::write(eventfd_, &one, sizeof one);
+      break;
+    }
     // Completions ran and more are awaited: sleep again, measuring libuv's
     // timeout from the time that has passed since.
     uv_update_time(loop_);

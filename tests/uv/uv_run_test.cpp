@@ -486,6 +486,28 @@ TEST_F(UvRun, RingparkOperationKeepsTheLoopAliveUntilItCompletes) {
   close_loop();
 }
 
+TEST_F(UvRun, OnceReturnsAfterOnlyRingparkCallbacksRan) {
+  // A ringpark completion is a callback of this loop: ONCE returns after it,
+  // even though libuv itself had nothing to do and another op stays in flight.
+  keep_ringpark_busy();
+  LoopContext* ctx = LoopContext::get(&loop_);
+  Op op;
+  int res = 1;
+  op.code = OpCode::timeout;
+  op.timeout_ns = 20'000'000;
+  op.data = &res;
+  op.complete = [](Op* o, int r, std::uint32_t) noexcept { *static_cast<int*>(o->data) = r; };
+  ctx->chain().io().submit(&op);
+  auto start = Clock::now();
+  while (res == 1 && Clock::now() - start < std::chrono::seconds(5)) {
+    EXPECT_NE(rp_uv_run(&loop_, UV_RUN_ONCE), 0);  // the busy op keeps it alive
+  }
+  EXPECT_EQ(res, -ETIME);
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(2));
+  stop_ringpark_busy();
+  close_loop();
+}
+
 TEST_F(UvRun, RingparkOperationCompletesUnderPlainUvRun) {
   // The ring inside the loop: libuv sleeps, the ring's eventfd (or the
   // fallback's epoll fd) wakes it.
