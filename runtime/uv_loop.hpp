@@ -36,6 +36,21 @@ class LoopContext {
   int run(uv_run_mode mode) noexcept;
   int close_loop() noexcept;
 
+  // Per-loop state of a handle kind built on the context (rp_poll_t's recheck
+  // set), owned and destroyed with it. stop() takes its libuv handles out of the
+  // loop before uv_loop_close; the destructor must not touch the loop.
+  struct Extension {
+    virtual ~Extension() = default;
+    virtual void stop() noexcept = 0;
+  };
+  std::unique_ptr<Extension>& poll_extension() noexcept { return poll_extension_; }
+
+  // rp_tcp_t and rp_poll_t count themselves from init to their close callback,
+  // so that rp_loop_close answers UV_EBUSY while any is open, as uv_loop_close
+  // does for libuv's handles.
+  void handle_opened() noexcept { ++open_handles_; }
+  void handle_closed() noexcept { --open_handles_; }
+
   Chain& chain() noexcept { return *chain_; }
   uv_loop_t* loop() const noexcept { return loop_; }
   std::uint64_t turns() const noexcept { return turns_; }
@@ -77,6 +92,8 @@ class LoopContext {
   bool referenced_ = false;
   bool always_ring_ = false;  // RINGPARK_SLEEP=ring
   std::uint64_t turns_ = 0;
+  std::size_t open_handles_ = 0;
+  std::unique_ptr<Extension> poll_extension_;
 };
 
 // The real uv_run. The preload library, which defines uv_run itself, sets it to

@@ -88,7 +88,9 @@ struct Watcher {
 // Ringpark's poll state for one loop: the recheck list, the watchers whose
 // close callbacks are due, and the hidden idle handle that runs both. Made with
 // the loop's first watcher, released when its last watcher is closed.
-struct PollSet {
+struct PollSet final : LoopContext::Extension {
+  void stop() noexcept override { uv_idle_stop(&idle); }
+
   uv_loop_t* loop = nullptr;
   LoopContext* ctx = nullptr;
   uv_idle_t idle;
@@ -101,27 +103,14 @@ struct PollSet {
   std::vector<Watcher*> batch;
 };
 
-std::mutex g_sets_mutex;
-std::unordered_map<uv_loop_t*, PollSet*>& sets() {
-  static auto* map = new std::unordered_map<uv_loop_t*, PollSet*>;
-  return *map;
-}
-
 void on_idle(uv_idle_t* idle);
 
 PollSet* poll_set(uv_loop_t* loop, LoopContext* ctx) noexcept {
-  std::lock_guard lock(g_sets_mutex);
-  auto& map = sets();
-  auto it = map.find(loop);
-  if (it != map.end()) return it->second;
+  auto& extension = ctx->poll_extension();
+  if (extension) return static_cast<PollSet*>(extension.get());
   auto* set = new (std::nothrow) PollSet;
   if (set == nullptr) return nullptr;
-  try {
-    map.emplace(loop, set);
-  } catch (...) {
-    delete set;
-    return nullptr;
-  }
+  extension.reset(set);
   set->loop = loop;
   set->ctx = ctx;
   uv_idle_init(loop, &set->idle);
@@ -144,18 +133,6 @@ void update_idle(PollSet* set) noexcept {
   } else {
     uv_idle_stop(&set->idle);
   }
-}
-
-// Called at the end of an idle pass, the only place watchers are freed.
-void release_if_unused(PollSet* set) noexcept {
-  if (set->watchers != 0 || !set->closed.empty() || set->listed_head != nullptr) return;
-  {
-    std::lock_guard lock(g_sets_mutex);
-    sets().erase(set->loop);
-  }
-  uv_idle_stop(&set->idle);
-  uv_close(reinterpret_cast<uv_handle_t*>(&set->idle),
-           [](uv_handle_t* h) { delete static_cast<PollSet*>(h->data); });
 }
 
 void list(Watcher* w) noexcept {
@@ -345,6 +322,7 @@ void on_idle(uv_idle_t* idle) {
       handle->impl_ = nullptr;
       delete w;
       --set->watchers;
+      set->ctx->handle_closed();
       if (cb) cb(handle);  // the handle's memory is the user's again
     }
   }
@@ -355,7 +333,6 @@ void on_idle(uv_idle_t* idle) {
   // prepare hook, which runs after this phase; this only keeps the loop's
   // liveness right for an op that ended here.
   set->ctx->update_ref();
-  release_if_unused(set);
 }
 
 Watcher* watcher_of(const rp_poll_t* handle) noexcept {
@@ -398,6 +375,7 @@ int rp_poll_init(uv_loop_t* loop, rp_poll_t* handle, int fd) {
   w->set = set;
   w->fd = fd;
   ++set->watchers;
+  ctx->handle_opened();
   handle->loop = loop;
   handle->fd = fd;
   handle->impl_ = w;

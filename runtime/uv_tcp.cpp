@@ -244,6 +244,7 @@ void finish_close(TcpState* t) noexcept {
   t->flags |= kClosed;
   t->role = Role::none;
   rp_close_cb cb = t->close_cb;
+  ctx_for(t)->handle_closed();
   // The user may free or reuse the handle from here on.
   if (cb) cb(t->handle);
 }
@@ -670,6 +671,7 @@ int rp_tcp_init(uv_loop_t* loop, rp_tcp_t* handle) {
   t->handle = handle;
   t->loop = loop;
   t->ctx = ctx;
+  ctx->handle_opened();
   handle->loop = loop;
   return 0;
 }

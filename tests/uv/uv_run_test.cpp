@@ -2,6 +2,7 @@
 // uv_run calls were renamed, and checks that it behaves as under uv_run. Every
 // test runs once per backend (RINGPARK_BACKEND=uring and =epoll).
 #include <fcntl.h>
+#include <sys/eventfd.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 #include <uv.h>
@@ -561,6 +562,53 @@ TEST_F(UvRun, LoopCloseAfterRunSucceeds) {
   EXPECT_EQ(fired, 1);
   closed_ = false;
   close_loop();
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(UvRun, LoopCloseIsBusyWhileRingparkHandlesAreOpen) {
+  int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  ASSERT_GE(efd, 0);
+  rp_poll_t poll;
+  rp_tcp_t tcp;
+  int closes = 0;
+  ASSERT_EQ(rp_poll_init(&loop_, &poll, efd), 0);
+  ASSERT_EQ(rp_tcp_init(&loop_, &tcp), 0);
+  poll.data = &closes;
+  tcp.data = &closes;
+  EXPECT_EQ(rp_loop_close(&loop_), UV_EBUSY);
+  rp_poll_close(&poll, [](rp_poll_t* p) { ++*static_cast<int*>(p->data); });
+  EXPECT_EQ(rp_loop_close(&loop_), UV_EBUSY);  // its close callback has not run
+  rp_close(&tcp, [](rp_tcp_t* t) { ++*static_cast<int*>(t->data); });
+  auto start = Clock::now();
+  while (closes < 2 && Clock::now() - start < std::chrono::seconds(5))
+    rp_uv_run(&loop_, UV_RUN_ONCE);
+  EXPECT_EQ(closes, 2);
+  close_loop();
+
+  // A new loop at the same address gets fresh state, watchers included.
+  ASSERT_EQ(uv_loop_init(&loop_), 0);
+  closed_ = false;
+  int events = 0;
+  ASSERT_EQ(rp_poll_init(&loop_, &poll, efd), 0);
+  poll.data = &events;
+  ASSERT_EQ(rp_poll_start(&poll, UV_READABLE,
+                          [](rp_poll_t* p, int status, int) {
+                            if (status == 0) ++*static_cast<int*>(p->data);
+                            rp_poll_stop(p);
+                          }),
+            0);
+  std::uint64_t one = 1;
+  ASSERT_EQ(write(efd, &one, sizeof one), 8);
+  start = Clock::now();
+  while (events == 0 && Clock::now() - start < std::chrono::seconds(5))
+    rp_uv_run(&loop_, UV_RUN_ONCE);
+  EXPECT_EQ(events, 1);
+  rp_poll_close(&poll, nullptr);
+  close_loop();
+  close(efd);
 }
 
 }  // namespace
