@@ -86,7 +86,9 @@ static void on_connection(rp_tcp_t* srv, int status) {
     free(conn); /* the connection stays queued; the server's close closes it */
     return;
   }
-  if (rp_accept(srv, conn) != 0 || rp_read_start(conn, alloc_cb, server_read) != 0)
+  /* Small messages go out at once rather than waiting for Nagle's timer. */
+  if (rp_accept(srv, conn) != 0 || rp_tcp_nodelay(conn, 1) != 0 ||
+      rp_read_start(conn, alloc_cb, server_read) != 0)
     rp_close(conn, free_on_close);
 }
 
