@@ -151,24 +151,21 @@ bool LoopContext::busy() noexcept {
          chain_->executor().has_work();
 }
 
-void LoopContext::before_libuv_sleeps() noexcept {
+void LoopContext::before_libuv_sleeps(bool libuv_may_block) noexcept {
   if (UringDriver* uring = chain_->uring()) {
     uring->flush();
     // Enable the eventfd before looking at the CQ: a CQE posted after the look
     // then signals it, one posted before is seen by the look.
     uring->set_eventfd_enabled(true);
-    if (uring->has_cqes()) {
-      std::uint64_t one = 1;
-      (void)!::write(eventfd_, &one, sizeof one);
-    }
+    if (libuv_may_block && uring->has_cqes()) signal_wake();
   }
   Timeout next = chain_->timers().next_timeout();
   if (FallbackDriver* fallback = chain_->fallback()) {
     // Completions the fallback has queued do not show on its epoll fd.
-    if (fallback->has_work()) chain_->top().unparker().unpark();
+    if (libuv_may_block && fallback->has_work()) chain_->top().unparker().unpark();
     next = min_timeout(next, fallback->next_timeout());
   }
-  if (chain_->executor().has_work()) chain_->top().unparker().unpark();
+  if (libuv_may_block && chain_->executor().has_work()) chain_->top().unparker().unpark();
 
   if (next) {
     auto ms = std::chrono::ceil<std::chrono::milliseconds>(*next).count();
@@ -176,8 +173,12 @@ void LoopContext::before_libuv_sleeps() noexcept {
   } else {
     uv_timer_stop(&deadline_);
   }
-
   update_ref();
+}
+
+void LoopContext::signal_wake() noexcept {
+  std::uint64_t one = 1;
+  (void)!::write(eventfd_, &one, sizeof one);
 }
 
 void LoopContext::update_ref() noexcept {
@@ -203,13 +204,15 @@ void LoopContext::sleep_in_ring() noexcept {
     // wait and "turns" the reactor (marks it ready) when libuv's epoll fd is
     // readable or libuv's next timer is due.
     const std::uint64_t reaped = uring->stats().cqes_reaped;
+    // Our wake handle is referenced only while ringpark is busy; once it is not,
+    // uv_backend_timeout must see that (0 when nothing else is alive).
+    update_ref();
     chain_->top().park(std::nullopt);
     if (reactor_->ready() || !(busy() || always_ring_)) break;
     if (mode_ == UV_RUN_ONCE && uring->stats().cqes_reaped != reaped) {
       // Ringpark callbacks ran: that is the progress ONCE waits for. Return to
       // libuv, whose poll must then not block: the eventfd makes it readable.
-      std::uint64_t one = 1;
-      (void)!::write(eventfd_, &one, sizeof one);
+      signal_wake();
       break;
     }
     // Completions ran and more are awaited: sleep again, measuring libuv's
@@ -223,16 +226,26 @@ void LoopContext::on_prepare(uv_prepare_t* handle) {
   ++self->turns_;
   // Only the ring can wait on libuv's fd and ours at once; on the fallback libuv
   // sleeps and our epoll fd wakes it.
-  const bool may_sleep = self->chain_->uring() && self->running_ && (self->mode_ == UV_RUN_DEFAULT ||
-                                            (self->mode_ == UV_RUN_ONCE && self->may_block_));
+  const bool libuv_blocks = !self->running_ || self->mode_ == UV_RUN_DEFAULT ||
+                            (self->mode_ == UV_RUN_ONCE && self->may_block_);
+  const bool may_sleep = self->chain_->uring() && self->running_ && libuv_blocks;
+  bool libuv_has_work = false;
   if (self->busy() || (may_sleep && self->always_ring_)) {
     if (may_sleep) {
       self->sleep_in_ring();
+      // The reactor is "ready" when libuv's fd is readable or its timeout is
+      // due; either way libuv's poll returns at once, unless the timeout read 0
+      // only because fds still wait to enter its epoll set.
+      libuv_has_work =
+          self->reactor_->ready() && !uv_private::watchers_pending(self->loop_);
     } else {
       self->chain_->top().turn();
     }
   }
-  self->before_libuv_sleeps();
+  // libuv's poll comes next. Completions left for us must wake it only if it
+  // could block: when its own fd is ready it returns at once, and the next
+  // iteration's hook reaps them without an eventfd round trip.
+  self->before_libuv_sleeps(libuv_blocks && !libuv_has_work);
 }
 
 void LoopContext::on_wake(uv_poll_t* handle, int, int) {
@@ -242,13 +255,15 @@ void LoopContext::on_wake(uv_poll_t* handle, int, int) {
     (void)!::read(self->eventfd_, &value, sizeof value);
   }
   self->chain_->top().turn();
-  self->before_libuv_sleeps();
+  // The prepare hook runs before libuv polls again and takes care of anything
+  // left: no need to wake libuv from here.
+  self->before_libuv_sleeps(/*libuv_may_block=*/false);
 }
 
 void LoopContext::on_deadline(uv_timer_t* handle) {
   auto* self = static_cast<LoopContext*>(handle->data);
   self->chain_->top().turn();
-  self->before_libuv_sleeps();
+  self->before_libuv_sleeps(/*libuv_may_block=*/false);
 }
 
 int LoopContext::run(uv_run_mode mode) noexcept {

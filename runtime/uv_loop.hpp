@@ -59,8 +59,10 @@ class LoopContext {
   // flight, deadlines armed, tasks queued.
   bool busy() noexcept;
   // Everything that must happen before libuv may sleep on its own: submit what
-  // is queued, make sure pending completions wake it, carry the next deadline.
-  void before_libuv_sleeps() noexcept;
+  // is queued, carry the next deadline, keep the loop alive while busy, and,
+  // when libuv's next poll could block, make sure completions and tasks already
+  // waiting for us wake it.
+  void before_libuv_sleeps(bool libuv_may_block = true) noexcept;
   // References the hidden wake handle while busy(), so that uv_run keeps going
   // (and returns non-zero) while ringpark operations are in flight. Call after
   // starting an operation from outside the loop's own callbacks.
@@ -73,6 +75,7 @@ class LoopContext {
   void start_handles() noexcept;
   void stop_handles() noexcept;
   void sleep_in_ring() noexcept;
+  void signal_wake() noexcept;  // makes the eventfd readable (io_uring only)
 
   static void on_prepare(uv_prepare_t* handle);
   static void on_wake(uv_poll_t* handle, int status, int events);

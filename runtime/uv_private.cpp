@@ -52,6 +52,10 @@ bool still_linked(const uv_loop_t* loop, const uv_handle_t* handle) noexcept {
   return false;
 }
 
+bool watchers_pending(const uv_loop_t* loop) noexcept {
+  return loop->watcher_queue[0] != &loop->watcher_queue;
+}
+
 bool once_may_block(const uv_loop_t* loop) noexcept {
   const void* pending = &loop->pending_queue;
   const void* idle = &loop->idle_handles;

@@ -21,6 +21,10 @@ void move_prepare_last(uv_prepare_t* handle) noexcept;
 // memory was re-initialised (a new loop at the same address).
 bool still_linked(const uv_loop_t* loop, const uv_handle_t* handle) noexcept;
 
+// True while fds wait to be added to libuv's epoll set (uv_backend_timeout then
+// reads 0, yet the poll that adds them may still block).
+bool watchers_pending(const uv_loop_t* loop) noexcept;
+
 // What uv_run(UV_RUN_ONCE) checks before deciding that it may block: no pending
 // callbacks and no idle handles.
 bool once_may_block(const uv_loop_t* loop) noexcept;
