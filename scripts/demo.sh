@@ -1,14 +1,35 @@
 #!/usr/bin/env bash
-# The main job: builds ringpark and runs an unmodified libuv echo program on
-# plain uv_run and on rp_uv_run, side by side, printing ringpark's counters.
+# The main job: what ringpark does, measured side by side with what a user would
+# otherwise use, in one short run (a few minutes; each part prints its table):
+#   1. TCP echo: ringpark's rp_tcp_t and an unmodified libuv echo under rp_uv_run,
+#      against the same echo on plain libuv and a hand-written epoll loop;
+#   2. HTTP plaintext: one server on rp_tcp_t and on plain libuv, and nginx (wrk);
+#   3. files: 4 KiB random reads, rp_fs_read against uv_fs_read on libuv's pool,
+#      and fio's io_uring engine (a 1 GiB file is made once in /tmp).
+# bench/run.sh, bench/http/run.sh and bench/files/run.sh take --full for the
+# long versions; bench/RESULTS.md holds the latest full tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-cmake -S . -B build-release -DCMAKE_BUILD_TYPE=Release -DRINGPARK_BUILD_TESTS=OFF >/dev/null
-cmake --build build-release -j"$(nproc)" --target uv_echo ringpark-preload
-for args in "1 20000" "50 2000"; do
-  echo "== uv_echo $args (connections, messages each)"
-  ./build-release/samples/uv_echo --plain $args
-  ./build-release/samples/uv_echo $args
-  RINGPARK_BACKEND=epoll ./build-release/samples/uv_echo $args
+extra=()
+for p in wrk nginx fio linux-perf util-linux; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || extra+=("$p")
 done
+if ((${#extra[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${extra[@]}" >/dev/null
+fi
+cmake -S . -B build-release -DCMAKE_BUILD_TYPE=Release -DRINGPARK_BUILD_TESTS=OFF >/dev/null
+cmake --build build-release -j"$(nproc)" >/dev/null
+
+echo "== 1. TCP echo (64-byte messages; CONNSxDEPTH)"
+bash bench/run.sh --rounds 1 --seconds 1.5 --workloads 1x1,50x16 \
+  --contenders uv,uv_rp,rp_echo,coro_echo,epoll --no-separate build-release
+echo
+echo "== 2. HTTP plaintext (wrk, 50 connections)"
+bash bench/http/run.sh --rounds 1 --seconds 2 build-release
+echo
+echo "== 3. Files (4 KiB random reads from the page cache, one core)"
+bash bench/files/run.sh --rounds 1 --seconds 0.5 --qds 1,32 --no-direct build-release
