@@ -53,6 +53,8 @@
 # non-2xx answers, a timeout) shows FAIL in its cells and a note under the
 # table. Exits 2 on bad arguments or a missing build.
 set -uo pipefail
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -433,27 +435,6 @@ run_pass() {
 
 # ---- statistics and the table ------------------------------------------------------
 
-# median min max of the numbers in $1 (or "- - -")
-stats() {
-  printf '%s\n' $1 | sort -g | awk 'NF { a[++n] = $1 }
-    END { if (n == 0) { print "- - -"; exit }
-          m = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-          print m, a[1], a[n] }'
-}
-# Aligns tab-separated columns (column(1) is not on every machine).
-align() {
-  awk -F '\t' '{ for (i = 1; i <= NF; i++) { cell[NR, i] = $i; if (length($i) > w[i]) w[i] = length($i) }
-                  if (NF > nf) nf = NF }
-    END { for (r = 1; r <= NR; r++) { line = ""
-            for (i = 1; i <= nf; i++) line = line sprintf(i < nf ? "%-" w[i] "s  " : "%s", cell[r, i])
-            print line } }'
-}
-human() {  # 1234567 -> 1.23M, 45678 -> 45.7k
-  awk -v v="$1" 'BEGIN { if (v == "-") print "-"; else if (v >= 1e6) printf "%.2fM\n", v / 1e6;
-    else if (v >= 1e3) printf "%.1fk\n", v / 1e3; else printf "%.0f\n", v }'
-}
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2fx\n", a / b }'; }
-fixed() { awk -v v="$1" -v p="$2" 'BEGIN { if (v == "-") print "-"; else printf "%.*f\n", p, v }'; }
 
 # ---- main ---------------------------------------------------------------------------
 
