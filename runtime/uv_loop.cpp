@@ -154,9 +154,12 @@ bool LoopContext::busy() noexcept {
 void LoopContext::before_libuv_sleeps(bool libuv_may_block) noexcept {
   if (UringDriver* uring = chain_->uring()) {
     uring->flush();
-    // Enable the eventfd before looking at the CQ: a CQE posted after the look
-    // then signals it, one posted before is seen by the look.
-    uring->set_eventfd_enabled(true);
+    // CQEs need to wake libuv only while its poll may block; otherwise the hook
+    // runs before the next poll and reaps them, and a stray signal would end
+    // the next sleep in the ring at once (libuv's epoll fd reads ready).
+    // Enable before looking at the CQ: a CQE posted after the look then
+    // signals it, one posted before is seen by the look.
+    uring->set_eventfd_enabled(libuv_may_block);
     if (libuv_may_block && uring->has_cqes()) signal_wake();
   }
   Timeout next = chain_->timers().next_timeout();
