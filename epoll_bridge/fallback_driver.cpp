@@ -211,6 +211,9 @@ void FallbackDriver::start(Record& r) noexcept {
     }
     case OpCode::connect:
       return start_connect(r);
+    case OpCode::recv_multishot:
+      // No provided buffers here: the owner falls back to plain recv.
+      return finish(r, -EOPNOTSUPP);
     case OpCode::read:
     case OpCode::write:
     case OpCode::readv:

@@ -101,20 +101,37 @@ int rp_fs_ftruncate(uv_loop_t* loop, uv_fs_t* req, uv_file file, int64_t offset,
  * callback never runs. Every callback runs on the loop thread from inside
  * rp_uv_run (or uv_run), never from inside the call that started the work.
  *
+ * Reading runs one of two ways, chosen per handle at its first
+ * rp_read_start:
+ *  - multishot (io_uring with provided buffer rings and multishot recv, Linux
+ *    6.0): one request keeps receiving into buffers ringpark owns (16 KiB
+ *    each), for as long as the handle reads. alloc_cb runs when data has
+ *    arrived, as in libuv, with suggested_size the number of bytes waiting
+ *    (at most 65536, libuv's fixed suggestion), and the bytes are copied into
+ *    its buffer; bytes that do not fit take more alloc_cb/read_cb rounds,
+ *    nothing is dropped. No buffer of the user's is lent this way, so rp_close
+ *    runs no read_cb, as libuv on Unix. EOF and errors come with a null
+ *    buffer (base NULL, len 0), which libuv's contract allows. A bulk stream,
+ *    one that fills those buffers back to back, reads the plain way (no copy,
+ *    a lent buffer) until its reads are small again;
+ *  - plain (the epoll fallback, older kernels, RINGPARK_RECV_MULTISHOT=0): a
+ *    recv into alloc_cb's buffer. alloc_cb runs when a read is queued (in
+ *    rp_read_start and after each read callback), not when data arrives: the
+ *    buffer is lent to the kernel while the recv waits. It therefore always
+ *    comes back through read_cb: after rp_read_stop it is kept and reused by
+ *    the next rp_read_start; at rp_close, read_cb runs once more with
+ *    UV_ECANCELED and the buffer, before the close callback, as libuv does on
+ *    Windows where reads are also lent.
+ * Either way bytes that arrive after rp_read_stop are kept and delivered,
+ * first, after the next rp_read_start: nothing is lost. A read_cb that frees
+ * buf->base in every case (NULL included) is right for both.
+ *
  * Differences from libuv a user may notice:
- *  - alloc_cb runs when a read is queued (in rp_read_start and after each
- *    read callback), not when data arrives: the buffer is lent to the kernel
- *    while the recv waits. It therefore always comes back through read_cb:
- *    after rp_read_stop it is kept and reused by the next rp_read_start
- *    (bytes that arrived meanwhile are delivered then, nothing is lost); at
- *    rp_close, read_cb runs once more with UV_ECANCELED and the buffer, before
- *    the close callback, as libuv does on Windows where reads are also lent;
  *  - a write of one buffer is a send with MSG_NOSIGNAL (EPIPE, no SIGPIPE);
  *    a write of several buffers is a writev, which raises SIGPIPE on a
  *    broken connection exactly as libuv's writev does;
- *  - handles are not uv_handle_t: uv_walk does not see them, and
- *    rp_loop_close does not refuse to close a loop whose idle (no operation in
- *    flight) rp_tcp_t handles are still open: close them first. */
+ *  - handles are not uv_handle_t: uv_walk does not see them (rp_loop_close
+ *    still answers UV_EBUSY while any is open, as uv_loop_close does). */
 
 typedef struct rp_tcp_s rp_tcp_t;
 typedef struct rp_write_s rp_write_t;
@@ -122,11 +139,14 @@ typedef struct rp_connect_s rp_connect_t;
 typedef struct rp_shutdown_s rp_shutdown_t;
 
 /* uv_alloc_cb for rp_tcp_t: fill *buf (base NULL or len 0 means "no buffer
- * now": read_cb then gets UV_ENOBUFS once the socket is readable). */
+ * now": read_cb then gets UV_ENOBUFS once the socket is readable, and the
+ * bytes wait for the next try, in the next loop iteration). suggested_size is
+ * a hint, as in libuv: 65536, or on the multishot path the bytes waiting. */
 typedef void (*rp_alloc_cb)(rp_tcp_t* handle, size_t suggested_size, uv_buf_t* buf);
 /* nread > 0: bytes read; 0: nothing read (EAGAIN); UV_EOF: the peer shut
  * down its side (reading stops); other negative values: an error (reading
- * stops; close the handle). `buf` is the one alloc_cb gave, in every case. */
+ * stops; close the handle). `buf` is the one alloc_cb gave, or, for UV_EOF
+ * and errors on the multishot path, a null buffer (base NULL, len 0). */
 typedef void (*rp_read_cb)(rp_tcp_t* handle, ssize_t nread, const uv_buf_t* buf);
 typedef void (*rp_write_cb)(rp_write_t* req, int status);
 typedef void (*rp_connect_cb)(rp_connect_t* req, int status);
@@ -140,7 +160,7 @@ typedef void (*rp_close_cb)(rp_tcp_t* handle);
 struct rp_tcp_s {
   void* data;      /* for the user */
   uv_loop_t* loop; /* read-only */
-  uint64_t private_[56];
+  uint64_t private_[80];
 };
 
 struct rp_write_s {
@@ -199,14 +219,18 @@ int rp_accept(rp_tcp_t* server, rp_tcp_t* client);
  * from creating the socket. */
 int rp_tcp_connect(rp_connect_t* req, rp_tcp_t* handle, const struct sockaddr* addr,
                    rp_connect_cb cb);
-/* Starts reading: a recv into alloc_cb's buffer, queued again after each read
- * callback while reading. Returns 0, UV_EINVAL (null arguments, closing
- * handle), UV_EALREADY when already reading, or UV_ENOTCONN when the handle
- * has no connected socket. Calls alloc_cb before it returns. */
+/* Starts reading (see above: one multishot recv for as long as the handle
+ * reads, or a recv into alloc_cb's buffer queued again after each read
+ * callback). Returns 0, UV_EINVAL (null arguments, closing handle),
+ * UV_EALREADY when already reading, or UV_ENOTCONN when the handle has no
+ * connected socket. On the plain path it calls alloc_cb before it returns;
+ * it never calls read_cb (bytes kept since an rp_read_stop come from the
+ * loop). */
 int rp_read_start(rp_tcp_t* handle, rp_alloc_cb alloc_cb, rp_read_cb read_cb);
-/* Stops reading; no read callback runs until the next rp_read_start (or the
- * close, which hands back a lent buffer). The recv in flight is cancelled (a
- * request: its buffer, and any bytes it got, are kept for the next start).
+/* Stops reading; no read callback runs until the next rp_read_start (or, on
+ * the plain path, the close, which hands back a lent buffer). The recv in
+ * flight is cancelled (a request: bytes it still gets, and a lent buffer, are
+ * kept for the next start, and so are an EOF or error that come with them).
  * Returns 0 (also when not reading), or UV_EINVAL for an uninitialised
  * handle. */
 int rp_read_stop(rp_tcp_t* handle);

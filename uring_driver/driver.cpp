@@ -3,10 +3,12 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 namespace ringpark::detail {
 
@@ -27,7 +29,8 @@ unsigned uring_opcode(OpCode code) noexcept {
     case OpCode::write: return IORING_OP_WRITE;
     case OpCode::readv: return IORING_OP_READV;
     case OpCode::writev: return IORING_OP_WRITEV;
-    case OpCode::recv: return IORING_OP_RECV;
+    case OpCode::recv:
+    case OpCode::recv_multishot: return IORING_OP_RECV;
     case OpCode::send: return IORING_OP_SEND;
     case OpCode::accept:
     case OpCode::accept_multishot: return IORING_OP_ACCEPT;
@@ -48,7 +51,18 @@ unsigned uring_opcode(OpCode code) noexcept {
 }
 
 bool is_multishot(OpCode code) noexcept {
-  return code == OpCode::poll_multishot || code == OpCode::accept_multishot;
+  return code == OpCode::poll_multishot || code == OpCode::accept_multishot ||
+         code == OpCode::recv_multishot;
+}
+
+// The buffer group of the driver's provided buffer ring.
+constexpr std::uint16_t kBufGroup = 0;
+
+// RINGPARK_RECV_MULTISHOT=0 turns multishot recv off (for comparisons, and
+// for a kernel whose implementation misbehaves).
+bool recv_multishot_disabled_by_env() noexcept {
+  const char* v = std::getenv("RINGPARK_RECV_MULTISHOT");
+  return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
 __kernel_timespec to_timespec(Duration d) noexcept {
@@ -65,7 +79,7 @@ static_assert(sizeof(Op{}.ts_) == sizeof(__kernel_timespec),
 std::unique_ptr<UringDriver> UringDriver::create(Reactor* inner, const RingOptions& options,
                                                  RingProbe* probe) noexcept {
   try {
-    auto driver = std::unique_ptr<UringDriver>(new UringDriver(inner, *probe));
+    auto driver = std::unique_ptr<UringDriver>(new UringDriver(inner, *probe, options));
     if (setup_ring(&driver->ring_, options, probe) != 0) {
       driver->closed_ = true;  // no ring to tear down
       return nullptr;
@@ -79,8 +93,12 @@ std::unique_ptr<UringDriver> UringDriver::create(Reactor* inner, const RingOptio
   }
 }
 
-UringDriver::UringDriver(Reactor* inner, const RingProbe& probe)
-    : probe_(probe), inner_(inner), wake_(std::make_shared<WakeFd>(/*nonblocking=*/false)) {
+UringDriver::UringDriver(Reactor* inner, const RingProbe& probe, const RingOptions& options)
+    : probe_(probe),
+      inner_(inner),
+      wake_(std::make_shared<WakeFd>(/*nonblocking=*/false)),
+      buf_ring_entries_(recv_multishot_disabled_by_env() ? 0 : options.buf_ring_entries),
+      buf_ring_buf_size_(options.buf_ring_buf_size) {
   wake_op_.code = OpCode::read;
   wake_op_.fd = wake_->fd();
   wake_op_.buf = &wake_buf_;
@@ -182,6 +200,13 @@ void UringDriver::prepare(io_uring_sqe* sqe, Op* op) noexcept {
     case OpCode::recv:
       io_uring_prep_recv(sqe, op->fd, op->buf, op->len, op->flags);
       break;
+    case OpCode::recv_multishot:
+      // No buffer of the op's: the kernel picks one from the driver's ring for
+      // each chunk, and that ring lives until the driver is destroyed.
+      io_uring_prep_recv_multishot(sqe, op->fd, nullptr, 0, op->flags);
+      sqe->flags |= IOSQE_BUFFER_SELECT;
+      sqe->buf_group = kBufGroup;
+      break;
     case OpCode::send:
       io_uring_prep_send(sqe, op->fd, op->buf, op->len, op->flags);
       break;
@@ -256,18 +281,59 @@ void UringDriver::submit(Op* op) noexcept {
     return;
   }
   if (shutting_down_) return complete_later(op, -ECANCELED);
-  if (!probe_.has(uring_opcode(op->code))) return complete_later(op, -EOPNOTSUPP);
+  if (!supports(op->code)) return complete_later(op, -EOPNOTSUPP);
   prepare(get_sqe(), op);
   track(op);
 }
 
-bool UringDriver::supports(OpCode code) const noexcept {
+bool UringDriver::supports(OpCode code) noexcept {
+  if (code == OpCode::recv_multishot) return ensure_buf_ring();
   return probe_.has(uring_opcode(code));
+}
+
+bool UringDriver::ensure_buf_ring() noexcept {
+  if (recv_multishot_ != Multishot::untried) return recv_multishot_ != Multishot::off;
+  if (closed_ || shutting_down_) return false;
+  // Decided by trying, once: a kernel without provided buffer rings (before
+  // 5.19) refuses the registration with -EINVAL; a memlock limit gives -ENOMEM.
+  int r = -EOPNOTSUPP;
+  if (buf_ring_entries_ > 0 && probe_.has(IORING_OP_RECV)) {
+    r = BufRing::create(&ring_, buf_ring_entries_, buf_ring_buf_size_, kBufGroup, &buf_ring_);
+  }
+  if (r < 0) {
+    recv_multishot_ = Multishot::off;
+    recv_multishot_error_ = r;
+    return false;
+  }
+  recv_multishot_ = Multishot::unconfirmed;
+  return true;
+}
+
+void UringDriver::return_buffers() noexcept {
+  if (!buf_ring_) return;
+  buf_ring_->publish();
+  if (starved_.empty() || buf_ring_->available() == 0 || shutting_down_) return;
+  // The ring has buffers again: the recvs it starved go on where they stopped
+  // (the socket kept the bytes). get_sqe() may move CQEs aside but never runs
+  // a completion, so starved_ does not change under this loop.
+  for (Op* op : starved_) prepare(get_sqe(), op);
+  starved_.clear();
 }
 
 void UringDriver::cancel(Op* op) noexcept {
   if (op->state != Op::State::in_flight || closed_) return;
   op->state = Op::State::cancelling;
+  if (auto it = std::find(starved_.begin(), starved_.end(), op); it != starved_.end()) {
+    // Not in the kernel: it ends here, from the next reap.
+    starved_.erase(it);
+    try {
+      deferred_.push_back({reinterpret_cast<std::uint64_t>(op), -ECANCELED, 0});
+    } catch (...) {
+      std::fprintf(stderr, "ringpark: out of memory queueing a completion\n");
+      std::abort();
+    }
+    return;
+  }
   io_uring_sqe* sqe = get_sqe();
   io_uring_prep_cancel64(sqe, reinterpret_cast<__u64>(op), 0);
   io_uring_sqe_set_data64(sqe, 0);  // its own CQE says nothing we need
@@ -298,6 +364,7 @@ void UringDriver::arm_internal(bool watch_inner) noexcept {
 }
 
 int UringDriver::enter(Timeout timeout) noexcept {
+  return_buffers();
   const unsigned queued = io_uring_sq_ready(&ring_);
   const bool defer = probe_.setup_flags & IORING_SETUP_DEFER_TASKRUN;
   const bool ready = !deferred_.empty() || io_uring_cq_ready(&ring_) > 0;
@@ -375,6 +442,8 @@ std::size_t UringDriver::reap() noexcept {
     total += n;
     for (unsigned i = 0; i < n; ++i) dispatch(local[i]);
   }
+  // One store to the buffer ring's tail for every buffer recycled in this pass.
+  return_buffers();
   return total;
 }
 
@@ -387,7 +456,23 @@ void UringDriver::dispatch(const Cqe& cqe) noexcept {
     std::abort();
   }
   bool more = cqe.flags & IORING_CQE_F_MORE;
-  if (!more && is_multishot(op->code) && cqe.res >= 0 && op->state == Op::State::in_flight &&
+  int res = cqe.res;
+  if (op->code == OpCode::recv_multishot && !recv_multishot_cqe(op, cqe, &res, &more)) return;
+  std::uint32_t flags = 0;
+  if (cqe.flags & IORING_CQE_F_BUFFER) {
+    // The buffer is the owner's from here until it recycles it.
+    const auto id = static_cast<std::uint16_t>(cqe.flags >> IORING_CQE_BUFFER_SHIFT);
+    if (!buf_ring_) {
+      std::fprintf(stderr, "ringpark: CQE names provided buffer %u without a buffer ring\n", id);
+      std::abort();
+    }
+    buf_ring_->taken(id);
+    flags = kBuffer | (std::uint32_t{id} << kBufferIdShift);
+  }
+  // A recv that ends with 0 bytes reached the end of the stream: that one stays
+  // ended.
+  const bool ended_ok = op->code == OpCode::recv_multishot ? res > 0 : res >= 0;
+  if (!more && is_multishot(op->code) && ended_ok && op->state == Op::State::in_flight &&
       !shutting_down_) {
     // The kernel ended a multishot op that nobody cancelled (CQ pressure, or a
     // kernel that only does one shot): re-arm it so the owner sees no gap.
@@ -395,7 +480,41 @@ void UringDriver::dispatch(const Cqe& cqe) noexcept {
     more = true;
   }
   if (!more) untrack(op);
-  op->complete(op, cqe.res, more ? kMore : 0);
+  op->complete(op, res, flags | (more ? kMore : 0));
+}
+
+bool UringDriver::recv_multishot_cqe(Op* op, const Cqe& cqe, int* res, bool* more) noexcept {
+  if (cqe.res == -ENOBUFS) {
+    // The buffer ring ran dry; the socket keeps its bytes. Nothing to report
+    // while the op stays armed. (Only a kernel with multishot recv gets this far.)
+    if (recv_multishot_ == Multishot::unconfirmed) recv_multishot_ = Multishot::works;
+    if (*more) return false;
+    if (op->state == Op::State::in_flight && !shutting_down_) {
+      ++stats_.buffers_ran_out;
+      try {
+        starved_.push_back(op);  // still in flight for its owner
+      } catch (...) {
+        std::fprintf(stderr, "ringpark: out of memory holding a starved recv\n");
+        std::abort();
+      }
+      return false;
+    }
+    *res = -ECANCELED;  // it was being cancelled: that is how it ends
+    return true;
+  }
+  if (recv_multishot_ == Multishot::unconfirmed) {
+    if (cqe.res == -EINVAL && !*more) {
+      // The first multishot recv on this ring was refused: a kernel before 6.0
+      // takes the flag for an invalid argument. Off for good; the owner falls
+      // back to plain recv.
+      recv_multishot_ = Multishot::off;
+      recv_multishot_error_ = -EINVAL;
+      *res = -EOPNOTSUPP;
+    } else if (*more || cqe.res > 0) {
+      recv_multishot_ = Multishot::works;
+    }
+  }
+  return true;
 }
 
 void UringDriver::on_wake(Op*, int, std::uint32_t) noexcept {
@@ -438,6 +557,7 @@ void UringDriver::turn() noexcept {
 
 void UringDriver::flush() noexcept {
   if (closed_) return;
+  return_buffers();
   const unsigned queued = io_uring_sq_ready(&ring_);
   if (queued == 0) return;
   ++stats_.enters;
@@ -469,6 +589,9 @@ void UringDriver::shutdown() noexcept {
     reap();
   }
   if (inner_) inner_->shutdown();
+  // Nothing is in flight, so no request can pick a buffer any more; owners may
+  // still read buffers they hold until the driver is destroyed.
+  if (buf_ring_) buf_ring_->unregister(&ring_);
   io_uring_queue_exit(&ring_);
   closed_ = true;
 }

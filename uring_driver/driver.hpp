@@ -4,6 +4,23 @@
 // one-shot POLL_ADD, re-armed after every turn of the reactor (a multishot poll
 // on an epoll fd is edge-triggered and stalls libuv; see DESIGN.md "Level, not
 // edge").
+//
+// Multishot recv and its provided buffers (OpCode::recv_multishot):
+// - the driver owns one provided buffer ring (group 0), registered the first
+//   time supports(OpCode::recv_multishot) or a submit of that op needs it;
+// - each completion with data names a buffer (kBuffer, buffer_id(flags)). The
+//   buffer is the kernel's from the moment it is in the ring until that CQE,
+//   then the op owner's: it reads provided_buffer(id), up to `res` bytes, and
+//   gives it back with recycle(id), at once or later. Recycled buffers reach
+//   the kernel in one store per reap pass. Every buffer stays mapped until the
+//   driver is destroyed (after shutdown() has reaped every op);
+// - when the ring runs dry the kernel ends the op with -ENOBUFS. The owner
+//   never sees that: the driver keeps the op in flight and re-arms it as soon
+//   as buffers are back, so the owner's stream goes on with no gap and no
+//   loss. Cancelling it meanwhile completes it with -ECANCELED as usual;
+// - a kernel without multishot recv (before 6.0) refuses the first one with
+//   -EINVAL: the driver then turns the op off for good and completes that op
+//   with -EOPNOTSUPP, which tells the owner to fall back to plain recv.
 #pragma once
 
 #include <liburing.h>
@@ -15,6 +32,7 @@
 
 #include "park/park.hpp"
 #include "ringpark/op.hpp"
+#include "uring_driver/buf_ring.hpp"
 #include "uring_driver/probe.hpp"
 
 namespace ringpark::detail {
@@ -24,6 +42,7 @@ struct DriverStats {
   std::uint64_t enters = 0;          // io_uring_enter syscalls
   std::uint64_t sqes_submitted = 0;  // SQEs handed to the kernel
   std::uint64_t cqes_reaped = 0;     // CQEs taken off the ring
+  std::uint64_t buffers_ran_out = 0;  // multishot recvs ended by an empty buffer ring, re-armed
 };
 
 class UringDriver final : public Park, public IoBackend {
@@ -52,7 +71,27 @@ class UringDriver final : public Park, public IoBackend {
   void cancel(Op* op) noexcept override;
   std::size_t in_flight() const noexcept override { return user_in_flight_; }
   // Whether this kernel's io_uring runs `code` (others complete -EOPNOTSUPP).
-  bool supports(OpCode code) const noexcept;
+  // For OpCode::recv_multishot the first call registers the buffer ring (which
+  // may fail: then false for good), and the answer turns false if the kernel
+  // refuses the first multishot recv. Loop thread only; never blocks.
+  bool supports(OpCode code) noexcept;
+
+  // The bytes of provided buffer `id`, named by a completion with kBuffer, for
+  // the op owner to read (up to that completion's `res`) until it recycles the
+  // buffer. Valid until the driver is destroyed.
+  char* provided_buffer(std::uint16_t id) const noexcept { return buf_ring_->data(id); }
+  // Gives provided buffer `id` back; the kernel sees it at the end of the reap
+  // pass (or the next enter). Aborts for an id the owner does not hold. Loop
+  // thread only; never blocks.
+  void recycle(std::uint16_t id) noexcept { buf_ring_->recycle(id); }
+  // Provided buffers held by op owners (0 without a buffer ring).
+  unsigned provided_buffers_out() const noexcept { return buf_ring_ ? buf_ring_->out() : 0; }
+  // Why multishot recv is off (a negative errno: the buffer ring's
+  // registration error, -EINVAL for a kernel that refused the op, -EOPNOTSUPP
+  // when turned off), or 0.
+  int recv_multishot_error() const noexcept { return recv_multishot_error_; }
+  // The size of one provided buffer (0 without a buffer ring).
+  unsigned provided_buffer_size() const noexcept { return buf_ring_ ? buf_ring_->buf_size() : 0; }
 
   // Hands queued SQEs to the kernel without waiting or reaping (one enter, or
   // none when nothing is queued).
@@ -75,7 +114,12 @@ class UringDriver final : public Park, public IoBackend {
     std::uint32_t flags;
   };
 
-  UringDriver(Reactor* inner, const RingProbe& probe);
+  // Where OpCode::recv_multishot stands: no buffer ring tried yet; a ring but
+  // no multishot recv that worked yet (an -EINVAL then means the kernel lacks
+  // it); known to work; off for good (no buffer ring, or the kernel refused).
+  enum class Multishot : std::uint8_t { untried, unconfirmed, works, off };
+
+  UringDriver(Reactor* inner, const RingProbe& probe, const RingOptions& options);
 
   io_uring_sqe* get_sqe() noexcept;
   void prepare(io_uring_sqe* sqe, Op* op) noexcept;
@@ -85,6 +129,9 @@ class UringDriver final : public Park, public IoBackend {
   std::size_t reap() noexcept;
   std::size_t take_cqes(std::vector<Cqe>& out) noexcept;
   void dispatch(const Cqe& cqe) noexcept;
+  bool recv_multishot_cqe(Op* op, const Cqe& cqe, int* res, bool* more) noexcept;
+  bool ensure_buf_ring() noexcept;
+  void return_buffers() noexcept;
   void track(Op* op) noexcept;
   void untrack(Op* op) noexcept;
 
@@ -110,6 +157,15 @@ class UringDriver final : public Park, public IoBackend {
   std::size_t user_in_flight_ = 0;
   std::vector<Cqe> batch_;     // reused by reap()
   std::vector<Cqe> deferred_;  // completions decided outside reap (errors at submit)
+  // The provided buffer ring, once registered; see the top of this file.
+  std::unique_ptr<BufRing> buf_ring_;
+  unsigned buf_ring_entries_;
+  unsigned buf_ring_buf_size_;
+  Multishot recv_multishot_ = Multishot::untried;
+  int recv_multishot_error_ = 0;  // why it is off
+  // Multishot recvs ended by -ENOBUFS, still in flight for their owners, that
+  // return_buffers() re-arms once the ring has buffers again.
+  std::vector<Op*> starved_;
   bool shutting_down_ = false;
   bool closed_ = false;
   DriverStats stats_;

@@ -17,6 +17,13 @@ struct RingOptions {
   // eventfd from another poller (libuv's epoll), since deferred work is not run
   // until the owner enters.
   bool defer_taskrun = false;
+  // The provided buffer ring that OpCode::recv_multishot receives into,
+  // registered on first use: `buf_ring_entries` buffers (a power of two, at most
+  // 32768; 0 turns multishot recv off, as RINGPARK_RECV_MULTISHOT=0 in the
+  // environment does) of `buf_ring_buf_size` bytes. One CQE carries at most one
+  // buffer's worth of bytes.
+  unsigned buf_ring_entries = 512;
+  unsigned buf_ring_buf_size = 16 * 1024;
 };
 
 struct RingProbe {

@@ -23,6 +23,12 @@ enum class OpCode : std::uint8_t {
   readv,
   writev,
   recv,
+  // One request that keeps receiving on a socket into buffers the backend
+  // provides: one completion per chunk, each naming its buffer (kBuffer and
+  // buffer_id() in the flags), flagged kMore until the last. `buf` and `len`
+  // are unused. Completes -EOPNOTSUPP (final) where the backend lacks it; ask
+  // UringDriver::supports() first. See UringDriver for the buffers' rules.
+  recv_multishot,
   send,
   accept,
   accept_multishot,
@@ -43,6 +49,15 @@ enum class OpCode : std::uint8_t {
 // Set in `flags` of a completion when more completions of the same operation
 // follow (a multishot operation that is still armed).
 inline constexpr std::uint32_t kMore = 1u << 0;
+// Set when the completion's bytes are in a buffer the backend provided
+// (OpCode::recv_multishot); buffer_id(flags) says which one. From that
+// completion on the buffer is the op owner's, until it gives it back. Mirrors
+// IORING_CQE_F_BUFFER and IORING_CQE_BUFFER_SHIFT.
+inline constexpr std::uint32_t kBuffer = 1u << 1;
+inline constexpr unsigned kBufferIdShift = 16;
+inline constexpr std::uint16_t buffer_id(std::uint32_t flags) noexcept {
+  return static_cast<std::uint16_t>(flags >> kBufferIdShift);
+}
 
 struct Op;
 // Called once per completion, on the loop thread, after the backend is done

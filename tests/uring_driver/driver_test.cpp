@@ -27,6 +27,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -157,6 +158,7 @@ struct UringBackend {
   }
   Park& park() { return *driver; }
   IoBackend& io() { return *driver; }
+  bool recv_multishot() { return driver->supports(OpCode::recv_multishot); }
 
   RingProbe probe;
   std::unique_ptr<UringDriver> driver;
@@ -168,6 +170,7 @@ struct FallbackBackend {
   std::string unavailable() const { return {}; }
   Park& park() { return driver; }
   IoBackend& io() { return driver; }
+  bool recv_multishot() { return false; }
 
   detail::EpollReactor reactor;
   detail::FallbackDriver driver{reactor, nullptr};
@@ -461,6 +464,38 @@ TYPED_TEST(BackendTest, RecvSeesPeerCloseAsZero) {
   EXPECT_EQ(recv.res, 0);
 }
 
+// Where the backend lacks multishot recv it says so, in supports() for the
+// ring and in the op's one completion everywhere; where it has it, the op
+// receives.
+TYPED_TEST(BackendTest, RecvMultishotRunsOrIsAnsweredEopnotsupp) {
+  int client, server;
+  ASSERT_TRUE(this->tcp_pair(&client, &server));
+  const bool supported = this->backend_->recv_multishot();
+  TestOp& recv = this->make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  this->io().submit(&recv.op);
+  ASSERT_EQ(::send(client, "x", 1, MSG_NOSIGNAL), 1);
+  if (!supported) {
+    ASSERT_TRUE(this->run_until_done(recv));
+    EXPECT_EQ(recv.calls, 1);
+    EXPECT_EQ(recv.res, -EOPNOTSUPP);
+    EXPECT_EQ(recv.flags, 0u);
+    return;
+  }
+  ASSERT_TRUE(this->run_until([&] { return recv.calls > 0; }));
+  EXPECT_EQ(recv.res, 1);
+  EXPECT_EQ(recv.flags & (kMore | detail::kBuffer), kMore | detail::kBuffer);
+  if constexpr (std::is_same_v<TypeParam, UringBackend>) {
+    // The buffer is ours until recycled.
+    UringDriver& driver = *this->backend_->driver;
+    EXPECT_EQ(driver.provided_buffer(detail::buffer_id(recv.flags))[0], 'x');
+    driver.recycle(detail::buffer_id(recv.flags));
+  }
+  this->io().cancel(&recv.op);
+  ASSERT_TRUE(this->run_until_done(recv));
+  EXPECT_EQ(recv.res, -ECANCELED);
+}
+
 TYPED_TEST(BackendTest, AcceptAndConnect) {
   sockaddr_in addr;
   int listener = this->fds_.add(listen_loopback(&addr));
@@ -681,6 +716,23 @@ class UringDriverTest : public OpFixture<UringBackend>, public ::testing::Test {
     return true;
   }
   UringDriver& driver() { return *backend_->driver; }
+  // A ring whose provided buffer ring has `entries` buffers of `size` bytes;
+  // false (with the reason) where the kernel lacks multishot recv.
+  bool open_ring_with_buffers(unsigned entries, unsigned size) {
+    RingOptions options;
+    options.buf_ring_entries = entries;
+    options.buf_ring_buf_size = size;
+    if (std::string why = start(options); !why.empty()) {
+      skip_reason_ = why;
+      return false;
+    }
+    if (!driver().supports(OpCode::recv_multishot)) {
+      skip_reason_ = std::string("no multishot recv with provided buffers here: ") +
+                     detail::errno_name(driver().recv_multishot_error());
+      return false;
+    }
+    return true;
+  }
   bool all_done(const std::vector<TestOp*>& ops) const {
     return std::all_of(ops.begin(), ops.end(), [](const TestOp* op) { return op->done(); });
   }
@@ -690,6 +742,53 @@ class UringDriverTest : public OpFixture<UringBackend>, public ::testing::Test {
 
 #define OPEN_RING_OR_SKIP(...) \
   if (!open_ring(__VA_ARGS__)) GTEST_SKIP() << skip_reason_
+#define OPEN_RING_WITH_BUFFERS_OR_SKIP(entries, size) \
+  if (!open_ring_with_buffers(entries, size)) GTEST_SKIP() << skip_reason_
+
+// Bytes that show where they sit in the stream, so a lost, repeated or
+// reordered chunk shows up as a mismatch.
+std::string pattern(std::size_t n) {
+  std::string s(n, '\0');
+  for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 7 + i / 251) & 0xff);
+  return s;
+}
+
+// Writes as much of `data` from *sent on as the non-blocking `fd` takes.
+void send_some(int fd, const std::string& data, std::size_t* sent) {
+  while (*sent < data.size()) {
+    ssize_t n = ::send(fd, data.data() + *sent, data.size() - *sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n <= 0) return;
+    *sent += static_cast<std::size_t>(n);
+  }
+}
+
+// The owner of a multishot recv: keeps its bytes in order and the id of every
+// buffer a completion named; recycles each at once, or, with `hold`, keeps it
+// until recycle_all() (a slow consumer).
+struct Receiver {
+  explicit Receiver(UringDriver& d) : driver(d) {}
+  void take(const TestOp& op) {
+    if (!(op.flags & detail::kBuffer)) return;
+    const std::uint16_t id = detail::buffer_id(op.flags);
+    ids.push_back(id);
+    if (op.res > 0) bytes.append(driver.provided_buffer(id), static_cast<std::size_t>(op.res));
+    if (hold) {
+      held.push_back(id);
+    } else {
+      driver.recycle(id);
+    }
+  }
+  void recycle_all() {
+    for (std::uint16_t id : held) driver.recycle(id);
+    held.clear();
+  }
+
+  UringDriver& driver;
+  bool hold = false;
+  std::string bytes;
+  std::vector<std::uint16_t> ids;
+  std::vector<std::uint16_t> held;
+};
 
 TEST_F(UringDriverTest, SixtyFourNopsTakeOneEnter) {
   OPEN_RING_OR_SKIP();
@@ -834,6 +933,249 @@ TEST_F(UringDriverTest, TurnWithNothingQueuedMakesNoSyscall) {
   driver().turn();
   EXPECT_EQ(driver().stats().enters, before.enters);
   EXPECT_EQ(driver().stats().turns - before.turns, 1u);
+}
+
+// ---- Multishot recv and the provided buffer ring -------------------------------
+
+TEST_F(UringDriverTest, BufferRingIsRegisteredOnFirstUse) {
+  OPEN_RING_OR_SKIP();
+  EXPECT_EQ(driver().provided_buffer_size(), 0u) << "registered before anyone asked";
+  if (!driver().supports(OpCode::recv_multishot)) {
+    GTEST_SKIP() << "no multishot recv here: "
+                 << detail::errno_name(driver().recv_multishot_error());
+  }
+  EXPECT_EQ(driver().provided_buffer_size(), RingOptions{}.buf_ring_buf_size);
+  EXPECT_EQ(driver().provided_buffers_out(), 0u);
+  EXPECT_TRUE(driver().supports(OpCode::recv_multishot));  // once, then remembered
+}
+
+TEST_F(UringDriverTest, NoBuffersConfiguredMeansNoMultishotRecv) {
+  if (!open_ring_with_buffers(0, 4096)) {
+    EXPECT_EQ(driver().recv_multishot_error(), -EOPNOTSUPP);
+  }
+  ASSERT_NE(backend_->driver, nullptr) << skip_reason_;
+  EXPECT_FALSE(driver().supports(OpCode::recv_multishot));
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  io().submit(&recv.op);
+  ASSERT_TRUE(run_until_done(recv));
+  EXPECT_EQ(recv.res, -EOPNOTSUPP);
+}
+
+TEST_F(UringDriverTest, RecvMultishotGetsEachMessageInItsOwnBuffer) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(16, 4096);
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  Receiver r(driver());
+  r.hold = true;
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  recv.then = [&r](TestOp& op) { r.take(op); };
+  io().submit(&recv.op);
+  const char* messages[] = {"one", "two!", "three", "four!!", "five!!!"};
+  for (int i = 0; i < 5; ++i) {
+    const std::string m = messages[i];
+    ASSERT_EQ(::send(client, m.data(), m.size(), MSG_NOSIGNAL), static_cast<ssize_t>(m.size()));
+    ASSERT_TRUE(run_until([&] { return recv.calls == i + 1; })) << "message " << i;
+    EXPECT_EQ(recv.res, static_cast<int>(m.size()));
+    EXPECT_EQ(recv.flags & (kMore | detail::kBuffer), kMore | detail::kBuffer);
+    // Each buffer is ours, unchanged, until we recycle it.
+    EXPECT_EQ(std::string(driver().provided_buffer(r.ids.back()), m.size()), m);
+  }
+  EXPECT_EQ(r.bytes, "onetwo!threefour!!five!!!");
+  std::vector<std::uint16_t> ids = r.ids;
+  std::sort(ids.begin(), ids.end());
+  EXPECT_EQ(std::unique(ids.begin(), ids.end()), ids.end()) << "a held buffer was handed out twice";
+  EXPECT_EQ(driver().provided_buffers_out(), 5u);
+  r.recycle_all();
+  EXPECT_EQ(driver().provided_buffers_out(), 0u);
+  EXPECT_EQ(driver().in_flight(), 1u);  // one op for the whole stream
+  io().cancel(&recv.op);
+  ASSERT_TRUE(run_until_done(recv));
+  EXPECT_EQ(recv.res, -ECANCELED);
+  EXPECT_FALSE(recv.flags & detail::kBuffer);
+  EXPECT_EQ(driver().in_flight(), 0u);
+}
+
+TEST_F(UringDriverTest, RecycledBuffersAreReused) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(4, 64);
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  Receiver r(driver());
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  recv.then = [&r](TestOp& op) { r.take(op); };
+  io().submit(&recv.op);
+  std::string sent;
+  for (int i = 0; i < 20; ++i) {
+    const std::string m = "message " + std::to_string(i) + ";";
+    sent += m;
+    ASSERT_EQ(::send(client, m.data(), m.size(), MSG_NOSIGNAL), static_cast<ssize_t>(m.size()));
+    ASSERT_TRUE(run_until([&] { return r.bytes.size() == sent.size(); })) << "message " << i;
+  }
+  EXPECT_EQ(r.bytes, sent);
+  EXPECT_GE(r.ids.size(), 20u);
+  for (std::uint16_t id : r.ids) EXPECT_LT(id, 4u);
+  EXPECT_EQ(driver().stats().buffers_ran_out, 0u) << "4 buffers, recycled at once, ran out";
+  EXPECT_EQ(driver().provided_buffers_out(), 0u);
+  EXPECT_FALSE(recv.done());
+  io().cancel(&recv.op);
+  ASSERT_TRUE(run_until_done(recv));
+}
+
+TEST_F(UringDriverTest, EmptiedBufferRingIsRefilledAndNothingIsLost) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(8, 4096);
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  ASSERT_EQ(::fcntl(client, F_SETFL, O_NONBLOCK), 0);
+  // A fast sender and a consumer that gives buffers back only once it holds
+  // all of them: the kernel empties the ring again and again.
+  const std::string data = pattern(2 * 1024 * 1024);
+  Receiver r(driver());
+  r.hold = true;
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  recv.then = [&r](TestOp& op) { r.take(op); };
+  io().submit(&recv.op);
+  std::size_t sent = 0;
+  Stopwatch sw;
+  while (r.bytes.size() < data.size() && sw.elapsed() < 20s && !recv.done()) {
+    send_some(client, data, &sent);
+    park().park(Duration(1ms));
+    if (r.held.size() == 8) r.recycle_all();
+  }
+  ASSERT_FALSE(recv.done()) << "the recv ended, res " << recv.res;
+  ASSERT_EQ(r.bytes.size(), data.size());
+  EXPECT_TRUE(r.bytes == data) << "bytes lost, repeated or reordered";
+  EXPECT_GT(driver().stats().buffers_ran_out, 0u) << "the ring never ran out: the test is weaker";
+  for (const auto& [res, flags] : recv.results) EXPECT_TRUE(flags & kMore) << "res " << res;
+  r.recycle_all();
+  io().cancel(&recv.op);
+  ASSERT_TRUE(run_until_done(recv));
+  EXPECT_EQ(recv.res, -ECANCELED);
+  EXPECT_EQ(driver().provided_buffers_out(), 0u);
+}
+
+TEST_F(UringDriverTest, CancelMidStreamEndsWithEcanceledAndLosesNoByte) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(16, 4096);
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  ASSERT_EQ(::fcntl(client, F_SETFL, O_NONBLOCK), 0);
+  const std::string data = pattern(1024 * 1024);
+  Receiver r(driver());
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  recv.then = [&r](TestOp& op) { r.take(op); };
+  io().submit(&recv.op);
+  std::size_t sent = 0;
+  ASSERT_TRUE(run_until([&] {
+    send_some(client, data, &sent);
+    return r.bytes.size() >= 128 * 1024;
+  }));
+  io().cancel(&recv.op);
+  ASSERT_TRUE(run_until_done(recv));
+  EXPECT_EQ(recv.res, -ECANCELED);
+  EXPECT_EQ(driver().provided_buffers_out(), 0u);
+  EXPECT_EQ(driver().in_flight(), 0u);
+  // What the recv got is the start of the stream, and the socket still holds
+  // the rest: a plain recv picks up exactly where it stopped.
+  ASSERT_TRUE(data.compare(0, r.bytes.size(), r.bytes) == 0);
+  std::string rest;
+  Stopwatch sw;
+  while (r.bytes.size() + rest.size() < data.size() && sw.elapsed() < 10s) {
+    send_some(client, data, &sent);
+    char buf[65536];
+    ssize_t n = ::recv(server, buf, sizeof buf, MSG_DONTWAIT);
+    if (n > 0) rest.append(buf, static_cast<std::size_t>(n));
+    if (n <= 0) std::this_thread::sleep_for(1ms);
+  }
+  EXPECT_TRUE(r.bytes + rest == data);
+}
+
+TEST_F(UringDriverTest, CancelOfARecvWaitingForBuffersEndsItWithEcanceled) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(2, 64);
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  Receiver r(driver());
+  r.hold = true;  // never given back: the recv waits in the driver
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  recv.then = [&r](TestOp& op) { r.take(op); };
+  io().submit(&recv.op);
+  const std::string data = pattern(1024);
+  ASSERT_EQ(::send(client, data.data(), data.size(), MSG_NOSIGNAL), 1024);
+  ASSERT_TRUE(run_until([&] { return driver().stats().buffers_ran_out > 0; }));
+  EXPECT_EQ(r.bytes, data.substr(0, 128));
+  EXPECT_FALSE(recv.done());
+  EXPECT_EQ(driver().in_flight(), 1u);  // still the owner's op in flight
+  io().cancel(&recv.op);
+  ASSERT_TRUE(run_until_done(recv));
+  EXPECT_EQ(recv.res, -ECANCELED);
+  EXPECT_EQ(driver().in_flight(), 0u);
+  r.recycle_all();
+  EXPECT_EQ(driver().provided_buffers_out(), 0u);
+}
+
+TEST_F(UringDriverTest, RecvMultishotEndsAtEndOfStream) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(16, 4096);
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  Receiver r(driver());
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  recv.then = [&r](TestOp& op) { r.take(op); };
+  io().submit(&recv.op);
+  ASSERT_EQ(::send(client, "bye", 3, MSG_NOSIGNAL), 3);
+  ASSERT_EQ(::shutdown(client, SHUT_WR), 0);
+  ASSERT_TRUE(run_until_done(recv));
+  EXPECT_EQ(recv.res, 0);  // not re-armed: the stream is over
+  EXPECT_EQ(r.bytes, "bye");
+  settle();
+  EXPECT_EQ(driver().in_flight(), 0u);
+  EXPECT_EQ(driver().provided_buffers_out(), 0u);
+}
+
+TEST_F(UringDriverTest, RefusedMultishotRecvIsTurnedOffForGood) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(16, 4096);
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  // A kernel before 6.0 refuses every multishot recv with -EINVAL. This one
+  // refuses MSG_WAITALL with it the same way, which stands in for that.
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  recv.op.flags = MSG_WAITALL;
+  io().submit(&recv.op);
+  ASSERT_TRUE(run_until_done(recv));
+  EXPECT_EQ(recv.res, -EOPNOTSUPP);
+  EXPECT_EQ(recv.calls, 1);
+  EXPECT_FALSE(driver().supports(OpCode::recv_multishot));
+  EXPECT_EQ(driver().recv_multishot_error(), -EINVAL);
+  TestOp& again = make(OpCode::recv_multishot);
+  again.op.fd = server;
+  io().submit(&again.op);
+  ASSERT_TRUE(run_until_done(again));
+  EXPECT_EQ(again.res, -EOPNOTSUPP);
+}
+
+TEST_F(UringDriverTest, ShutdownEndsAMultishotRecvAndHeldBuffersStayReadable) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(16, 4096);
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  Receiver r(driver());
+  r.hold = true;
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  recv.then = [&r](TestOp& op) { r.take(op); };
+  io().submit(&recv.op);
+  ASSERT_EQ(::send(client, "kept", 4, MSG_NOSIGNAL), 4);
+  ASSERT_TRUE(run_until([&] { return r.bytes.size() == 4; }));
+  driver().shutdown();
+  EXPECT_TRUE(recv.done());
+  EXPECT_EQ(recv.res, -ECANCELED);
+  // Unregistered, but mapped until the driver goes.
+  EXPECT_EQ(std::string(driver().provided_buffer(r.held[0]), 4), "kept");
 }
 
 }  // namespace
