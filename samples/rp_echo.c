@@ -14,8 +14,9 @@
  *
  * Memory follows libuv's rules: a handle is freed in its close callback, a
  * request in its callback, a read buffer by the read callback in every case
- * (with ringpark that includes UV_ECANCELED, when a close hands back the
- * buffer of a read still in flight). */
+ * (with ringpark, on the plain-recv path, that includes UV_ECANCELED, when a
+ * close hands back the buffer of a read still in flight; the multishot path
+ * holds no user buffer in the kernel, so it never does). */
 #include <arpa/inet.h>
 #include <signal.h>
 #include <stdio.h>
