@@ -24,3 +24,26 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) p
 fixed() { awk -v v="$1" -v p="$2" 'BEGIN { if (v == "-") print "-"; else printf "%.*f\n", p, v }'; }
 # The value of key=value in a line of such pairs: kv KEY LINE
 kv() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"; }
+
+# Stops every tracked background child (the array CHILDREN: servers, perf,
+# load generators under timeout(1)): SIGTERM first, SIGKILL after 3 s; then
+# removes $TMP. For `trap cleanup_children EXIT`.
+cleanup_children() {
+  local p i alive
+  for p in "${CHILDREN[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for ((i = 0; i < 60; i++)); do
+    alive=0
+    for p in "${CHILDREN[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 0.05
+  done
+  for p in "${CHILDREN[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  rm -rf "$TMP"
+}
+
+# The syscall count in a `perf stat -x, -e raw_syscalls:sys_enter` output
+# file, or nothing when perf gave none.
+perf_syscalls() {
+  grep 'raw_syscalls:sys_enter' "$1" 2>/dev/null | cut -d, -f1 | grep -m1 '^[0-9]\+$'
+}

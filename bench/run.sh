@@ -344,7 +344,7 @@ run_one() {
       ;;
     syscalls)
       local count
-      count=$(grep 'raw_syscalls:sys_enter' "$TMP/perf.out" 2>/dev/null | cut -d, -f1 | grep -m1 '^[0-9]\+$')
+      count=$(perf_syscalls "$TMP/perf.out")
       if [ -n "$count" ] && [ "$msgs" -gt 0 ]; then
         SYS[$key]+=" $(awk -v s="$count" -v m="$msgs" 'BEGIN { printf "%.4f", s / m }')"
       else

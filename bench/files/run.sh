@@ -140,20 +140,7 @@ TMP=$(mktemp -d "${TMPDIR:-/tmp}/ringpark-files.XXXXXX")
 CHILDREN=()
 # Every process that may run long is a tracked background child: SIGTERM
 # first (timeout(1) passes it on to its command), SIGKILL after 3 s.
-cleanup() {
-  local p i alive
-  for p in "${CHILDREN[@]}"; do kill -TERM "$p" 2>/dev/null; done
-  for ((i = 0; i < 60; i++)); do
-    alive=0
-    for p in "${CHILDREN[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [ $alive = 0 ] && break
-    sleep 0.05
-  done
-  for p in "${CHILDREN[@]}"; do kill -KILL "$p" 2>/dev/null; done
-  wait 2>/dev/null
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+trap cleanup_children EXIT
 trap 'echo "files/run.sh: interrupted" >&2; exit 130' INT TERM
 
 # bounded OUT CMD...: runs CMD with stdout to OUT and stderr to $TMP/err, in

@@ -172,20 +172,7 @@ CHILDREN=()
 # Every process that may run long (servers, perf, wrk under timeout(1)) is a
 # tracked background child: SIGTERM first (timeout passes it on to wrk; the
 # servers exit on it), SIGKILL after 3 s.
-cleanup() {
-  local p i alive
-  for p in "${CHILDREN[@]}"; do kill -TERM "$p" 2>/dev/null; done
-  for ((i = 0; i < 60; i++)); do
-    alive=0
-    for p in "${CHILDREN[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [ $alive = 0 ] && break
-    sleep 0.05
-  done
-  for p in "${CHILDREN[@]}"; do kill -KILL "$p" 2>/dev/null; done
-  wait 2>/dev/null
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+trap cleanup_children EXIT
 trap 'echo "http/run.sh: interrupted" >&2; exit 130' INT TERM
 
 forget_child() {
@@ -403,7 +390,7 @@ run_one() {
       ;;
     syscalls)
       local count
-      count=$(grep 'raw_syscalls:sys_enter' "$TMP/perf.out" 2>/dev/null | cut -d, -f1 | grep -m1 '^[0-9]\+$')
+      count=$(perf_syscalls "$TMP/perf.out")
       if [ -n "$count" ] && [ "${reqs:-0}" -gt 0 ]; then
         SYS[$key]+=" $(awk -v s="$count" -v m="$reqs" 'BEGIN { printf "%.4f", s / m }')"
       else
