@@ -47,3 +47,17 @@ cleanup_children() {
 perf_syscalls() {
   grep 'raw_syscalls:sys_enter' "$1" 2>/dev/null | cut -d, -f1 | grep -m1 '^[0-9]\+$'
 }
+
+# The absolute path of build directory $2 (as given, or relative to the
+# repository $3), or exit 2 saying how to make one. $1 names the script.
+resolve_build_dir() {
+  if [ -d "$2" ]; then
+    (cd "$2" && pwd)
+  elif [ -d "$3/$2" ]; then
+    (cd "$3/$2" && pwd)
+  else
+    echo "$1: no build directory '$2'; build first:" >&2
+    echo "  cmake -S $3 -B $3/build-release -DCMAKE_BUILD_TYPE=Release && cmake --build $3/build-release -j" >&2
+    exit 2
+  fi
+}

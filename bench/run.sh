@@ -82,15 +82,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ -d "$BUILD_ARG" ]; then
-  B=$(cd "$BUILD_ARG" && pwd)
-elif [ -d "$ROOT/$BUILD_ARG" ]; then
-  B=$(cd "$ROOT/$BUILD_ARG" && pwd)
-else
-  echo "run.sh: no build directory '$BUILD_ARG'; build first:" >&2
-  echo "  cmake -S $ROOT -B $ROOT/build-release -DCMAKE_BUILD_TYPE=Release && cmake --build $ROOT/build-release -j" >&2
-  exit 2
-fi
+B=$(resolve_build_dir run.sh "$BUILD_ARG" "$ROOT") || exit 2
 LOADGEN=$B/bench/loadgen
 if [ ! -x "$LOADGEN" ]; then
   echo "run.sh: $LOADGEN is missing: build the 'loadgen' target (-DRINGPARK_BUILD_BENCH=ON)" >&2

@@ -91,15 +91,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ -d "$BUILD_ARG" ]; then
-  B=$(cd "$BUILD_ARG" && pwd)
-elif [ -d "$ROOT/$BUILD_ARG" ]; then
-  B=$(cd "$ROOT/$BUILD_ARG" && pwd)
-else
-  echo "files/run.sh: no build directory '$BUILD_ARG'; build first:" >&2
-  echo "  cmake -S $ROOT -B $ROOT/build-release -DCMAKE_BUILD_TYPE=Release && cmake --build $ROOT/build-release -j" >&2
-  exit 2
-fi
+B=$(resolve_build_dir files/run.sh "$BUILD_ARG" "$ROOT") || exit 2
 FSBENCH=$B/bench/files/fsbench
 if [ ! -x "$FSBENCH" ]; then
   echo "files/run.sh: $FSBENCH is missing: build the 'fsbench' target" >&2

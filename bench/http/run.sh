@@ -91,15 +91,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ -d "$BUILD_ARG" ]; then
-  B=$(cd "$BUILD_ARG" && pwd)
-elif [ -d "$ROOT/$BUILD_ARG" ]; then
-  B=$(cd "$ROOT/$BUILD_ARG" && pwd)
-else
-  echo "http/run.sh: no build directory '$BUILD_ARG'; build first:" >&2
-  echo "  cmake -S $ROOT -B $ROOT/build-release -DCMAKE_BUILD_TYPE=Release && cmake --build $ROOT/build-release -j" >&2
-  exit 2
-fi
+B=$(resolve_build_dir http/run.sh "$BUILD_ARG" "$ROOT") || exit 2
 HELLO=""
 for f in "$B/bench/http/http_hello" "$B/samples/http_hello"; do
   [ -x "$f" ] && { HELLO=$f; break; }
