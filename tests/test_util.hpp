@@ -118,4 +118,27 @@ class FakePark final : public detail::Park {
   std::shared_ptr<const detail::WakeFd> wake_;
 };
 
+// A fresh directory under $TMPDIR, removed with the files made through file().
+struct TempDir {
+  TempDir() {
+    const char* base = std::getenv("TMPDIR");
+    path = std::string(base && *base ? base : "/tmp") + "/ringpark-test-XXXXXX";
+    EXPECT_NE(::mkdtemp(path.data()), nullptr);
+  }
+  ~TempDir() {
+    for (const std::string& f : files) ::unlink(f.c_str());
+    ::rmdir(path.c_str());
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+
+  std::string file(const std::string& name) {
+    files.push_back(path + "/" + name);
+    return files.back();
+  }
+
+  std::string path;
+  std::vector<std::string> files;
+};
+
 }  // namespace ringpark::test

@@ -62,26 +62,6 @@ class HandlesTest : public ::testing::Test {
   std::optional<Runtime> rt_;
 };
 
-// A fresh directory under $TMPDIR, removed with what is in it.
-struct TempDir {
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    path = std::string(base && *base ? base : "/tmp") + "/ringpark-handles-XXXXXX";
-    EXPECT_NE(::mkdtemp(path.data()), nullptr);
-  }
-  ~TempDir() {
-    for (const std::string& f : files) ::unlink(f.c_str());
-    ::rmdir(path.c_str());
-  }
-  std::string file(const std::string& name) {
-    files.push_back(path + "/" + name);
-    return files.back();
-  }
-
-  std::string path;
-  std::vector<std::string> files;
-};
-
 struct Pipe {
   Pipe() { EXPECT_EQ(::pipe2(fds, O_CLOEXEC), 0); }
   ~Pipe() {

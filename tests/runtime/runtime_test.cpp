@@ -95,26 +95,6 @@ struct SocketPair {
   int fds[2] = {-1, -1};
 };
 
-// A fresh directory under $TMPDIR, removed with what is in it.
-struct TempDir {
-  TempDir() {
-    const char* base = std::getenv("TMPDIR");
-    path = std::string(base && *base ? base : "/tmp") + "/ringpark-rt-XXXXXX";
-    EXPECT_NE(::mkdtemp(path.data()), nullptr);
-  }
-  ~TempDir() {
-    for (const std::string& f : files) ::unlink(f.c_str());
-    ::rmdir(path.c_str());
-  }
-  std::string file(const std::string& name) {
-    files.push_back(path + "/" + name);
-    return files.back();
-  }
-
-  std::string path;
-  std::vector<std::string> files;
-};
-
 Buffer bytes_of(const std::string& s) { return Buffer(s.begin(), s.end()); }
 
 // Waits, in steps of the runtime's own timer, until `done` holds.
