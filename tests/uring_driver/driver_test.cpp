@@ -672,25 +672,6 @@ TYPED_TEST(BackendTest, OpSubmittedDuringShutdownCompletesWithEcanceled) {
   EXPECT_EQ(late.res, -ECANCELED);
 }
 
-TYPED_TEST(BackendTest, UnparkFromAnotherThreadWakesPark) {
-  this->park().park(Duration::zero());
-  auto unparker = this->park().unparker();
-  std::atomic<bool> sent{false};
-  std::thread other([&] {
-    std::this_thread::sleep_for(50ms);
-    // Set before the unpark, so a park that the unpark ends sees it.
-    sent = true;
-    unparker.unpark();
-  });
-  {
-    Watchdog watchdog;
-    do {
-      this->park().park(std::nullopt);
-    } while (!sent);
-  }
-  other.join();
-}
-
 TYPED_TEST(BackendTest, InFlightCountsUntilFinalCompletion) {
   EXPECT_EQ(this->io().in_flight(), 0u);
   TestOp& a = this->nop();
