@@ -47,6 +47,8 @@ cleanup_children() {
 perf_syscalls() {
   grep 'raw_syscalls:sys_enter' "$1" 2>/dev/null | cut -d, -f1 | grep -m1 '^[0-9]\+$'
 }
+# What perf said instead, for a note: the first two lines of its output file.
+perf_output() { grep -v '^#' "$1" 2>/dev/null | head -n 2 | tr '\n' ' '; }
 
 # The absolute path of build directory $2 (as given, or relative to the
 # repository $3), or exit 2 saying how to make one. $1 names the script.

@@ -340,7 +340,7 @@ run_one() {
       if [ -n "$count" ] && [ "$msgs" -gt 0 ]; then
         SYS[$key]+=" $(awk -v s="$count" -v m="$msgs" 'BEGIN { printf "%.4f", s / m }')"
       else
-        NOTES+=("$c ($wl): perf gave no count: $(grep -v '^#' "$TMP/perf.out" 2>/dev/null | head -n 2 | tr '\n' ' ')")
+        NOTES+=("$c ($wl): perf gave no count: $(perf_output "$TMP/perf.out")")
       fi
       ;;
   esac

@@ -268,13 +268,13 @@ run_one() {
       ;;
     syscalls)
       local count
-      count=$(grep 'raw_syscalls:sys_enter' "$TMP/perf.out" 2>/dev/null | cut -d, -f1 | grep -m1 '^[0-9]\+$')
+      count=$(perf_syscalls "$TMP/perf.out")
       if [ -n "$count" ] && [ "${total:-0}" -gt 0 ]; then
         SYS[$key]+=" $(awk -v s="$count" -v m="$total" 'BEGIN { printf "%.4f", s / m }')"
         awk -v s="$count" -v m="$total" 'BEGIN { exit !(s > 10 * m) }' &&
           NOTES+=("$c ($cfg, QD $qd): $count syscalls for $total reads in the syscalls pass: an outlier (the machine was busy?)")
       else
-        NOTES+=("$c ($cfg, QD $qd): perf gave no count: $(grep -v '^#' "$TMP/perf.out" 2>/dev/null | head -n 2 | tr '\n' ' ')")
+        NOTES+=("$c ($cfg, QD $qd): perf gave no count: $(perf_output "$TMP/perf.out")")
       fi
       ;;
   esac
