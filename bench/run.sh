@@ -31,7 +31,9 @@
 #   --rounds N          rounds per pass
 #   --seconds S         measured window per run (a warm-up comes before it)
 #   --contenders a,b    a subset of: uv uv_pool uv_rp uv_preload rp_echo
-#                       coro_echo epoll ("uv" is always added: it is the base)
+#                       rp_pool coro_echo epoll ("uv" is always added: it is
+#                       the base; rp_pool is rp_echo --pool, buffers from a
+#                       free list as uv_pool's)
 #   --workloads 1x1,..  CONNSxDEPTH pairs (64-byte messages)
 #   --size N            message size in bytes (default 64)
 #   --no-separate       skip pass 2;  --no-syscalls  skip pass 3
@@ -115,7 +117,7 @@ for w in $WORKLOADS; do
   [[ $w =~ ^[0-9]+x[0-9]+$ ]] || { echo "run.sh: bad workload '$w' (want CONNSxDEPTH)" >&2; exit 2; }
 done
 
-ALL_CONTENDERS="uv uv_pool uv_rp uv_preload rp_echo coro_echo epoll"
+ALL_CONTENDERS="uv uv_pool uv_rp uv_preload rp_echo rp_pool coro_echo epoll"
 if [ -n "$CONTENDERS_ARG" ]; then
   WANTED="uv"
   for c in ${CONTENDERS_ARG//,/ }; do
@@ -139,6 +141,7 @@ contender_cmd() {
       [ -f "$B/libringpark-preload.so" ] || return 1
       CMD=(env "LD_PRELOAD=$B/libringpark-preload.so" "$B/bench/uv_echo_server") ;;
     rp_echo) CMD=("$B/samples/rp_echo" 0) ;;      # rp_echo [port]
+    rp_pool) CMD=("$B/samples/rp_echo" --pool 0) ;;
     coro_echo) CMD=("$B/samples/coro_echo" 0) ;;  # coro_echo [port]
     epoll) CMD=("$B/bench/epoll_echo") ;;
     *) return 1 ;;
