@@ -375,7 +375,7 @@ int UringDriver::enter(Timeout timeout) noexcept {
     if (queued > 0) {
       ++stats_.enters;
       r = defer ? io_uring_submit_and_get_events(&ring_) : io_uring_submit(&ring_);
-    } else if (defer || io_uring_cq_has_overflow(&ring_)) {
+    } else if (defer || io_uring_cq_has_overflow(&ring_) || taskrun_pending()) {
       ++stats_.enters;
       r = io_uring_get_events(&ring_);
     }
@@ -565,8 +565,16 @@ void UringDriver::flush() noexcept {
   stats_.sqes_submitted += queued - io_uring_sq_ready(&ring_);
 }
 
+bool UringDriver::taskrun_pending() const noexcept {
+  // COOP_TASKRUN with TASKRUN_FLAG: completions the kernel holds until this
+  // thread enters it.
+  return (probe_.setup_flags & IORING_SETUP_TASKRUN_FLAG) &&
+         (IO_URING_READ_ONCE(*ring_.sq.kflags) & IORING_SQ_TASKRUN);
+}
+
 bool UringDriver::has_cqes() const noexcept {
-  return !deferred_.empty() || io_uring_cq_ready(&ring_) > 0 || io_uring_cq_has_overflow(&ring_);
+  return !deferred_.empty() || io_uring_cq_ready(&ring_) > 0 || io_uring_cq_has_overflow(&ring_) ||
+         taskrun_pending();
 }
 
 int UringDriver::register_eventfd(int fd) noexcept {

@@ -101,6 +101,7 @@ class UringDriver final : public Park, public IoBackend {
   // epoll) to wait on the ring; `enabled` toggles that without a syscall.
   int register_eventfd(int fd) noexcept;
   void set_eventfd_enabled(bool enabled) noexcept;
+  // CQEs to reap, or completions the kernel holds for this thread's next entry.
   bool has_cqes() const noexcept;
   bool has_sqes() const noexcept { return io_uring_sq_ready(&ring_) > 0; }
 
@@ -108,6 +109,8 @@ class UringDriver final : public Park, public IoBackend {
   const RingProbe& probe() const noexcept { return probe_; }
 
  private:
+  bool taskrun_pending() const noexcept;
+
   struct Cqe {
     std::uint64_t user_data;
     int res;

@@ -15,7 +15,7 @@ struct RingOptions {
   // SINGLE_ISSUER + DEFER_TASKRUN: completions are only processed when this
   // thread enters the ring. Only for rings that are never waited on through an
   // eventfd from another poller (libuv's epoll), since deferred work is not run
-  // until the owner enters.
+  // until the owner enters. Other rings get COOP_TASKRUN where the kernel has it.
   bool defer_taskrun = false;
   // The provided buffer ring that OpCode::recv_multishot receives into,
   // registered on first use: `buf_ring_entries` buffers (a power of two, at most

@@ -916,6 +916,20 @@ TEST_F(UringDriverTest, TurnWithNothingQueuedMakesNoSyscall) {
   EXPECT_EQ(driver().stats().turns - before.turns, 1u);
 }
 
+TEST_F(UringDriverTest, RingWithoutDeferTaskrunIsCooperativeWhereTheKernelAllowsIt) {
+  OPEN_RING_OR_SKIP();
+  // Whether this kernel takes the flags, asked of it directly.
+  io_uring ring;
+  io_uring_params params{};
+  params.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+  const int r = io_uring_queue_init_params(4, &ring, &params);
+  if (r == 0) io_uring_queue_exit(&ring);
+  const unsigned flags = backend_->probe.setup_flags;
+  EXPECT_EQ((flags & IORING_SETUP_COOP_TASKRUN) != 0, r == 0) << "the kernel said " << r;
+  EXPECT_EQ((flags & IORING_SETUP_TASKRUN_FLAG) != 0, r == 0);
+  EXPECT_EQ(flags & IORING_SETUP_DEFER_TASKRUN, 0u);
+}
+
 // ---- Multishot recv and the provided buffer ring -------------------------------
 
 TEST_F(UringDriverTest, BufferRingIsRegisteredOnFirstUse) {

@@ -22,15 +22,18 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ringpark.h"
 #include "runtime/uv_loop.hpp"
+#include "test_util.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+using ringpark::test::Watchdog;
 
 sockaddr_in loopback(int port) {
   sockaddr_in a{};
@@ -1571,6 +1574,67 @@ TEST_F(UvTcp, WorksUnderAPlainUvRunAfterAttach) {
   ASSERT_EQ(rp_close(&client->tcp, &on_close), 0);
   ASSERT_TRUE(run_until([&] { return client->close_calls == 1 && peer->close_calls == 1; }));
   EXPECT_EQ(client->cancelled, multishot_reads() ? 0 : 1);
+}
+
+// Data that arrives while the loop thread runs a long callback, or while it
+// then sleeps, must wake that sleep: libuv's epoll_wait under a stock uv_run,
+// the ring under rp_uv_run. The ring is set up with COOP_TASKRUN where the
+// kernel has it, so a thread running user code is not interrupted to post the
+// completion; this is where a lost wake-up would show. No ticking timer here: a
+// missed wake-up hangs, and the watchdog turns that into a failure.
+TEST_F(UvTcp, DataArrivingDuringALongCallbackOrTheSleepAfterItWakesTheLoop) {
+  ASSERT_EQ(rp_uv_attach(&loop_), 0);
+  auto [client, peer] = quiet_pair();
+  uv_os_fd_t client_fd = -1;
+  ASSERT_EQ(rp_fileno(&client->tcp, &client_fd), 0);
+  ASSERT_EQ(rp_read_start(&peer->tcp, &alloc_cb,
+                          [](rp_tcp_t* h, ssize_t n, const uv_buf_t* buf) {
+                            std::free(buf->base);
+                            if (n > 0) uv_stop(h->loop);
+                          }),
+            0);
+  struct Round {
+    std::chrono::milliseconds send_after;  // from the start of the callback
+    std::chrono::milliseconds busy_for;    // the callback's length
+    int fd;
+    std::thread sender;
+  };
+  for (bool plain : {true, false}) {
+    for (auto [send_after, busy_for] : {std::pair{20ms, 200ms}, std::pair{200ms, 20ms}}) {
+      SCOPED_TRACE(std::string(plain ? "uv_run" : "rp_uv_run") + ", data at " +
+                   std::to_string(send_after.count()) + " ms, callback " +
+                   std::to_string(busy_for.count()) + " ms");
+      Round round{send_after, busy_for, client_fd, {}};
+      uv_timer_t start;
+      ASSERT_EQ(uv_timer_init(&loop_, &start), 0);
+      start.data = &round;
+      ASSERT_EQ(uv_timer_start(
+                    &start,
+                    [](uv_timer_t* t) {
+                      auto* r = static_cast<Round*>(t->data);
+                      r->sender = std::thread([r] {
+                        std::this_thread::sleep_for(r->send_after);
+                        EXPECT_EQ(::send(r->fd, "x", 1, MSG_NOSIGNAL), 1);
+                      });
+                      const auto end = Clock::now() + r->busy_for;
+                      while (Clock::now() < end) {
+                      }
+                    },
+                    1, 0),
+                0);
+      {
+        Watchdog dog(10s, "a loop waiting for data sent during or after a long callback");
+        if (plain) {
+          EXPECT_EQ(uv_run(&loop_, UV_RUN_DEFAULT), 1);  // stopped, handles still active
+        } else {
+          EXPECT_EQ(rp_uv_run(&loop_, UV_RUN_DEFAULT), 1);
+        }
+      }
+      round.sender.join();
+      uv_close(reinterpret_cast<uv_handle_t*>(&start), nullptr);
+      uv_run(&loop_, UV_RUN_NOWAIT);  // runs the close callback
+    }
+  }
 }
 
 // ---- Interop with plain libuv -----------------------------------------------------------
