@@ -5,9 +5,12 @@
 #      against the same echo on plain libuv and a hand-written epoll loop;
 #   2. HTTP plaintext: one server on rp_tcp_t and on plain libuv, and nginx (wrk);
 #   3. files: 4 KiB random reads, rp_fs_read against uv_fs_read on libuv's pool,
-#      and fio's io_uring engine (a 1 GiB file is made once in /tmp).
-# bench/run.sh, bench/http/run.sh and bench/files/run.sh take --full for the
-# long versions; bench/RESULTS.md holds the latest full tables.
+#      and fio's io_uring engine (a 1 GiB file is made once in /tmp);
+#   4. scale: the echo on one thread and on two (SO_REUSEPORT), as server
+#      efficiency.
+# bench/run.sh, bench/http/run.sh, bench/files/run.sh and bench/scale/run.sh
+# take --full for the long versions; bench/RESULTS.md holds the latest full
+# tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -26,10 +29,13 @@ cmake --build build-release -j"$(nproc)" >/dev/null
 
 echo "== 1. TCP echo (64-byte messages; CONNSxDEPTH)"
 bash bench/run.sh --rounds 1 --seconds 1.5 --workloads 1x1,50x16 \
-  --contenders uv,uv_rp,rp_echo,coro_echo,epoll --no-separate build-release
+  --contenders uv,uv_pool,uv_rp,rp_echo,rp_pool,coro_echo,epoll --no-separate build-release
 echo
 echo "== 2. HTTP plaintext (wrk, 50 connections)"
 bash bench/http/run.sh --rounds 1 --seconds 2 build-release
 echo
 echo "== 3. Files (4 KiB random reads from the page cache, one core)"
 bash bench/files/run.sh --rounds 1 --seconds 0.5 --qds 1,32 --no-direct build-release
+echo
+echo "== 4. Scale (rp_echo --pool on 1 and 2 threads, 500 connections x 16)"
+bash bench/scale/run.sh --rounds 1 --seconds 1.5 --workloads 500x16 build-release
