@@ -42,6 +42,32 @@ cleanup_children() {
   rm -rf "$TMP"
 }
 
+# Drops pid $1 from CHILDREN once it has been waited for.
+forget_child() {
+  local keep=() p
+  for p in "${CHILDREN[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  CHILDREN=("${keep[@]}")
+}
+
+# stop_process PID SIGNAL...: sends each signal in turn, giving the process
+# 2 s after each to exit; then waits for it and forgets it. Returns 1 if the
+# first signal was not enough.
+stop_process() {
+  local pid=$1 i sig rc=0
+  shift
+  for sig in "$@"; do
+    kill -"$sig" "$pid" 2>/dev/null || break
+    for ((i = 0; i < 40; i++)); do
+      kill -0 "$pid" 2>/dev/null || break 2
+      sleep 0.05
+    done
+    rc=1
+  done
+  wait "$pid" 2>/dev/null
+  forget_child "$pid"
+  return $rc
+}
+
 # The syscall count in a `perf stat -x, -e raw_syscalls:sys_enter` output
 # file, or nothing when perf gave none.
 perf_syscalls() {

@@ -174,41 +174,12 @@ TMP=$(mktemp -d /tmp/ringpark-bench.XXXXXX)
 CHILDREN=()
 # Every server, perf and load generator (through its timeout) is a child
 # listed here; at exit each gets SIGTERM, then SIGKILL.
-cleanup() {
-  local p
-  if [ "${#CHILDREN[@]}" -gt 0 ]; then
-    for p in "${CHILDREN[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    sleep 0.3
-    for p in "${CHILDREN[@]}"; do kill -KILL "$p" 2>/dev/null; done
-    for p in "${CHILDREN[@]}"; do wait "$p" 2>/dev/null; done
-  fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+trap cleanup_children EXIT
 trap 'echo "run.sh: interrupted" >&2; exit 130' INT TERM
 
-forget_child() {
-  local keep=() p
-  for p in "${CHILDREN[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-  CHILDREN=("${keep[@]}")
-}
-
-# Stops process $1: SIGINT (every server prints its counters on it), SIGTERM
-# after 2 s, SIGKILL after 1 s more. Returns 1 if SIGINT was not enough.
-stop_process() {
-  local pid=$1 i sig rc=0
-  for sig in INT TERM KILL; do
-    kill -"$sig" "$pid" 2>/dev/null || break
-    for ((i = 0; i < 40; i++)); do
-      kill -0 "$pid" 2>/dev/null || break 2
-      sleep 0.05
-    done
-    rc=1
-  done
-  wait "$pid" 2>/dev/null
-  forget_child "$pid"
-  return $rc
-}
+# Servers are stopped with SIGINT (every one prints its counters on it), then
+# SIGTERM, then SIGKILL.
+stop_server() { stop_process "$1" INT TERM KILL; }
 
 # Starts contender $1 pinned to core $2; sets SERVER_PID, SERVER_PORT,
 # SERVER_LOG. Returns 1 if it does not print its port within 5 s.
@@ -238,7 +209,7 @@ start_server() {
     fi
     sleep 0.05
   done
-  stop_process "$SERVER_PID"
+  stop_server "$SERVER_PID"
   SERVER_EXIT="printed no 127.0.0.1:PORT within 5 s"
   return 1
 }
@@ -308,7 +279,7 @@ run_one() {
     wait "$perf_pid" 2>/dev/null
     forget_child "$perf_pid"
   fi
-  stop_process "$SERVER_PID" ||
+  stop_server "$SERVER_PID" ||
     NOTES+=("$c ($wl, $pass): the server did not exit within 2 s of SIGINT")
   if [ $rc -ne 0 ]; then
     FAILS[$key]+=" $pass"

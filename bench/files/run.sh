@@ -146,9 +146,7 @@ bounded() {
   CHILDREN+=("$pid")
   wait "$pid"
   rc=$?
-  local keep=() p
-  for p in "${CHILDREN[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
-  CHILDREN=("${keep[@]}")
+  forget_child "$pid"
   return $rc
 }
 LIMIT=$(awk -v w="$WINDOW" -v u="$WARMUP" 'BEGIN { printf "%d", w + u + 30 }')

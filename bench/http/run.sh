@@ -167,30 +167,6 @@ CHILDREN=()
 trap cleanup_children EXIT
 trap 'echo "http/run.sh: interrupted" >&2; exit 130' INT TERM
 
-forget_child() {
-  local keep=() p
-  for p in "${CHILDREN[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-  CHILDREN=("${keep[@]}")
-}
-
-# Stops process $1 with signal $2 first (http_hello prints its counters on
-# SIGINT; nginx stops at once on SIGTERM), then SIGKILL after 2 s. Returns 1 if
-# the first signal was not enough.
-stop_process() {
-  local pid=$1 first=$2 i sig rc=0
-  for sig in "$first" KILL; do
-    kill -"$sig" "$pid" 2>/dev/null || break
-    for ((i = 0; i < 40; i++)); do
-      kill -0 "$pid" 2>/dev/null || break 2
-      sleep 0.05
-    done
-    rc=1
-  done
-  wait "$pid" 2>/dev/null
-  forget_child "$pid"
-  return $rc
-}
-
 # A TCP port nobody listens on (nginx needs one in its config; a race with
 # another program is caught by the retry in start_nginx).
 free_port() {
@@ -245,7 +221,7 @@ EOF
       sleep 0.05
     done
     cat "$dir/error.log" >>"$SERVER_LOG" 2>/dev/null
-    stop_process "$SERVER_PID" TERM
+    stop_process "$SERVER_PID" TERM KILL
     grep -q 'in use' "$SERVER_LOG" || return 1
   done
   return 1
@@ -276,12 +252,13 @@ start_server() {
     kill -0 "$SERVER_PID" 2>/dev/null || break
     sleep 0.05
   done
-  stop_process "$SERVER_PID" INT
+  stop_process "$SERVER_PID" INT KILL
   return 1
 }
 
 stop_server() {  # $1 contender
-  if [ "$1" = nginx ]; then stop_process "$SERVER_PID" TERM; else stop_process "$SERVER_PID" INT; fi
+  # http_hello prints its counters on SIGINT; nginx stops at once on SIGTERM.
+  if [ "$1" = nginx ]; then stop_process "$SERVER_PID" TERM KILL; else stop_process "$SERVER_PID" INT KILL; fi
 }
 
 # utime + stime of process $1 in clock ticks
@@ -347,7 +324,7 @@ run_one() {
   forget_child "$wrk_pid"
   t1=$(cpu_ticks "$SERVER_PID")
   # perf writes its count on SIGINT.
-  [ -n "$perf_pid" ] && stop_process "$perf_pid" INT
+  [ -n "$perf_pid" ] && stop_process "$perf_pid" INT KILL
   stop_server "$c" || NOTES+=("$c ($wl, $pass): the server did not stop within 2 s")
   local rps reqs errs non2xx
   rps=$(awk '/^Requests\/sec:/ { print $2 }' "$TMP/wrk.out")

@@ -146,28 +146,9 @@ CHILDREN=()
 trap cleanup_children EXIT
 trap 'echo "scale/run.sh: interrupted" >&2; exit 130' INT TERM
 
-forget_child() {
-  local keep=() p
-  for p in "${CHILDREN[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-  CHILDREN=("${keep[@]}")
-}
-
 # Stops the server $1: SIGINT (rp_echo prints its report on it), SIGKILL
 # after 2 s. Returns 1 if SIGINT was not enough.
-stop_server() {
-  local pid=$1 i sig rc=0
-  for sig in INT KILL; do
-    kill -"$sig" "$pid" 2>/dev/null || break
-    for ((i = 0; i < 40; i++)); do
-      kill -0 "$pid" 2>/dev/null || break 2
-      sleep 0.05
-    done
-    rc=1
-  done
-  wait "$pid" 2>/dev/null
-  forget_child "$pid"
-  return $rc
-}
+stop_server() { stop_process "$1" INT KILL; }
 
 # Starts contender $1 (t1 or t2); sets SERVER_PID, SERVER_PORT, SERVER_LOG.
 # Returns 1 if it does not print its port within 5 s (every thread listens
