@@ -368,8 +368,8 @@ Runtime Runtime::Builder::build() const {
   options.backend = detail::to_choice(backend_);
   options.ring.entries = entries_;
   // SINGLE_ISSUER|DEFER_TASKRUN only for the standalone ring: nobody but this
-  // thread's block_on ever waits on it. Attached, libuv's epoll may one day
-  // wait on the ring's eventfd, and deferred completions would never post.
+  // thread's block_on ever uses it. A loop's ring must serve whichever thread
+  // runs the loop (runtime/uv_loop.cpp).
   options.ring.defer_taskrun = loop_ == nullptr;
   return Runtime(std::make_unique<detail::RuntimeImpl>(options, loop_));
 }

@@ -89,8 +89,10 @@ LoopContext::LoopContext(uv_loop_t* loop)
   auto reactor =
       std::make_unique<UvReactor>(loop, UvReactor::TurnMode::mark_ready, real_uv_run());
   reactor_ = reactor.get();
-  // DEFER_TASKRUN stays off: libuv's epoll_wait must be woken by completions
-  // that arrive while it, not the ring, is sleeping. On the fallback libuv
+  // DEFER_TASKRUN stays off (the ring gets COOP_TASKRUN): it needs
+  // SINGLE_ISSUER, which ties the ring to the thread that made it, while libuv
+  // lets a loop be set up on one thread and run on another; measured, it gave
+  // about 3% over COOP_TASKRUN (bench/RESULTS.md). On the fallback libuv
   // watches our epoll set, so ours must not watch libuv's.
   ChainOptions options;
   options.fallback_polls_inner = false;

@@ -55,14 +55,14 @@ int setup_ring(io_uring* ring, const RingOptions& options, RingProbe* probe) noe
   // From the most to the least wanted; a kernel that rejects a flag says EINVAL
   // and the next set drops it.
   const unsigned kDefer = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
-  std::initializer_list<unsigned> candidates_defer = {kDefer, IORING_SETUP_SUBMIT_ALL, 0};
   // COOP_TASKRUN: a completion does not interrupt the thread while it runs user
   // code; it is posted when the thread next enters the kernel (any syscall, or
   // the next timer tick). A sleeping thread is still woken, in epoll_wait too,
   // so libuv's sleep keeps its wake-ups. TASKRUN_FLAG says when some are
-  // waiting (has_pending_taskrun).
+  // waiting (UringDriver::taskrun_pending).
   const unsigned kCoop =
       IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG | IORING_SETUP_SUBMIT_ALL;
+  std::initializer_list<unsigned> candidates_defer = {kDefer, kCoop, IORING_SETUP_SUBMIT_ALL, 0};
   std::initializer_list<unsigned> candidates_plain = {kCoop, IORING_SETUP_SUBMIT_ALL, 0};
   int err = -EINVAL;
   for (unsigned flags : options.defer_taskrun ? candidates_defer : candidates_plain) {

@@ -13,9 +13,9 @@ namespace ringpark::detail {
 struct RingOptions {
   unsigned entries = 256;
   // SINGLE_ISSUER + DEFER_TASKRUN: completions are only processed when this
-  // thread enters the ring. Only for rings that are never waited on through an
-  // eventfd from another poller (libuv's epoll), since deferred work is not run
-  // until the owner enters. Other rings get COOP_TASKRUN where the kernel has it.
+  // thread enters the ring, and only this thread may. For a ring that one
+  // thread owns for its whole life (the standalone Runtime). Other rings, and
+  // these on a kernel without DEFER_TASKRUN, get COOP_TASKRUN where it exists.
   bool defer_taskrun = false;
   // The provided buffer ring that OpCode::recv_multishot receives into,
   // registered on first use: `buf_ring_entries` buffers (a power of two, at most
