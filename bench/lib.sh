@@ -22,6 +22,13 @@ human() {  # 1234567 -> 1.23M, 45678 -> 45.7k
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2fx\n", a / b }'; }
 fixed() { awk -v v="$1" -v p="$2" 'BEGIN { if (v == "-") print "-"; else printf "%.*f\n", p, v }'; }
+# Prints the calling script's header comment (its help) and exits with $1
+# (default 2).
+usage() {
+  sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit "${1:-2}"
+}
+
 # The value of key=value in a line of such pairs: kv KEY LINE
 kv() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"; }
 

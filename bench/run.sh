@@ -60,11 +60,6 @@ CPUS="0,1"
 VERBOSE=0
 BUILD_ARG="build-release"
 
-usage() {
-  sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit "${1:-2}"
-}
-
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) FULL=1 ;;

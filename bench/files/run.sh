@@ -67,11 +67,6 @@ DO_FIO=1
 DO_SYSCALLS=1
 BUILD_ARG="build-release"
 
-usage() {
-  sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 2
-}
-
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) FULL=1 ;;
