@@ -213,6 +213,10 @@ void LoopContext::sleep_in_ring() noexcept {
     // uv_backend_timeout must see that (0 when nothing else is alive).
     update_ref();
     chain_->top().park(std::nullopt);
+    // libuv measures its next poll timeout (and the next sleep here) from its
+    // cached time, which predates this sleep: without this a due timer would
+    // look a whole sleep away, and fire up to twice late.
+    uv_update_time(loop_);
     if (reactor_->ready() || !(busy() || always_ring_)) break;
     if (mode_ == UV_RUN_ONCE && uring->stats().cqes_reaped != reaped) {
       // Ringpark callbacks ran: that is the progress ONCE waits for. Return to
@@ -220,9 +224,7 @@ void LoopContext::sleep_in_ring() noexcept {
       signal_wake();
       break;
     }
-    // Completions ran and more are awaited: sleep again, measuring libuv's
-    // timeout from the time that has passed since.
-    uv_update_time(loop_);
+    // Completions ran and more are awaited: sleep again.
   }
 }
 
