@@ -83,7 +83,7 @@ int rp_fs_mkdir(uv_loop_t* loop, uv_fs_t* req, const char* path, int mode, uv_fs
 int rp_fs_ftruncate(uv_loop_t* loop, uv_fs_t* req, uv_file file, int64_t offset,
                     uv_fs_cb cb);
 
-/* ---- TCP handles (section owned by runtime/uv_tcp.cpp) ---------------------- */
+/* ---- TCP handles (section owned by runtime/uv/tcp.cpp) ---------------------- */
 
 /* rp_tcp_t is a TCP stream whose accepts, connects, reads, writes, shutdown and
  * close are operations in the loop's ring (or the epoll fallback), so all the
@@ -155,7 +155,7 @@ typedef void (*rp_connection_cb)(rp_tcp_t* server, int status);
 typedef void (*rp_close_cb)(rp_tcp_t* handle);
 
 /* The private words hold the operation the kernel may write into and the
- * handle's state (runtime/uv_tcp.cpp checks at build time that they fit).
+ * handle's state (runtime/uv/tcp.cpp checks at build time that they fit).
  * Never touch them. */
 struct rp_tcp_s {
   void* data;      /* for the user */
@@ -270,7 +270,7 @@ int rp_tcp_getpeername(const rp_tcp_t* handle, struct sockaddr* name, int* namel
  * UV_EBADF (no socket, or closing). */
 int rp_fileno(const rp_tcp_t* handle, uv_os_fd_t* fd);
 
-/* ---- Readiness watchers and the ring inside a plain uv_run (runtime/uv_poll.cpp) */
+/* ---- Readiness watchers and the ring inside a plain uv_run (runtime/uv/poll.cpp) */
 
 /* Makes `loop` ready for ringpark's operations under a stock uv_run(), for code
  * that cannot replace uv_run with rp_uv_run (a library or add-on living in

@@ -4,7 +4,7 @@
 //
 // Each layer wraps the one below and, when it has nothing to do, parks it with a
 // timeout. A layer only ever sees this interface of the layer below, never its
-// concrete type; the chain is assembled in one place (runtime/runtime.cpp).
+// concrete type; the chain is assembled in one place (runtime/chain.cpp).
 #pragma once
 
 #include <chrono>

@@ -32,7 +32,7 @@
 #include <string>
 
 #include "ringpark.h"
-#include "runtime/uv_loop.hpp"
+#include "runtime/uv/loop.hpp"
 
 namespace {
 

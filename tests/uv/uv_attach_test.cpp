@@ -19,7 +19,7 @@
 #include "ringpark.h"
 #include "tests/test_util.hpp"
 
-// rp_tcp_* live in runtime/uv_tcp.cpp, which this test does not require: with
+// rp_tcp_* live in runtime/uv/tcp.cpp, which this test does not require: with
 // weak references it links without it and skips the TCP test.
 extern "C" {
 #pragma weak rp_tcp_init
@@ -527,11 +527,11 @@ TEST_F(Attach, UvStopFromARingparkCallbackIsHonoured) {
   ::close(efd);
 }
 
-// ---- TCP, when runtime/uv_tcp.cpp is in the build ----------------------------
+// ---- TCP, when runtime/uv/tcp.cpp is in the build ----------------------------
 
 TEST_F(Attach, TcpEchoUnderStockUvRun) {
   if (&rp_tcp_init == nullptr)
-    GTEST_SKIP() << "rp_tcp_* are not in this build (runtime/uv_tcp.cpp)";
+    GTEST_SKIP() << "rp_tcp_* are not in this build (runtime/uv/tcp.cpp)";
   ASSERT_EQ(rp_uv_attach(&loop_), 0);
   struct Echo {
     rp_tcp_t server, client, accepted;

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "ringpark.h"
-#include "runtime/uv_loop.hpp"
+#include "runtime/uv/loop.hpp"
 
 namespace {
 

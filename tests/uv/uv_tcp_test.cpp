@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "ringpark.h"
-#include "runtime/uv_loop.hpp"
+#include "runtime/uv/loop.hpp"
 #include "test_util.hpp"
 
 namespace {

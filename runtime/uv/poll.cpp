@@ -1,5 +1,4 @@
-// rp_poll_t: uv_poll_t's readiness watchers through the loop's ring, and
-// rp_uv_attach, which readies a loop for ringpark under a stock uv_run.
+// rp_poll_t: uv_poll_t's readiness watchers through the loop's ring.
 //
 // How a watcher gets uv_poll_t's level-triggered semantics out of the ring:
 // - While started, a watcher holds one multishot POLL_ADD
@@ -48,8 +47,8 @@
 #include <vector>
 
 #include "ringpark.h"
-#include "runtime/uv_loop.hpp"
-#include "runtime/uv_private.hpp"
+#include "runtime/uv/loop.hpp"
+#include "runtime/uv/private.hpp"
 
 namespace ringpark::detail {
 namespace {
@@ -345,15 +344,6 @@ Watcher* watcher_of(const rp_poll_t* handle) noexcept {
 using namespace ringpark::detail;
 
 extern "C" {
-
-int rp_uv_attach(uv_loop_t* loop) {
-  if (loop == nullptr) return UV_EINVAL;
-  // The context starts its hidden handles when it is made: the prepare hook
-  // (last in the prepare queue, so ops started by any prepare callback before
-  // it are submitted too) and the wake poll. A program's prepare handles
-  // started later go to the front of libuv's queue, ahead of the hook.
-  return LoopContext::get(loop) != nullptr ? 0 : UV_ENOMEM;
-}
 
 int rp_poll_init(uv_loop_t* loop, rp_poll_t* handle, int fd) {
   if (loop == nullptr || handle == nullptr) return UV_EINVAL;

@@ -1,5 +1,5 @@
 // TcpListener, TcpStream and SocketAddress, on the handle machinery of
-// runtime/file.cpp. Socket setup (socket, setsockopt, bind, listen, the
+// runtime/cpp/file.cpp. Socket setup (socket, setsockopt, bind, listen, the
 // get*name calls) never blocks, so it is made synchronously; accept, connect,
 // recv, send, shutdown and close go through the backend.
 #include "ringpark/net.hpp"

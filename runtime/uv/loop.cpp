@@ -1,4 +1,4 @@
-#include "runtime/uv_loop.hpp"
+#include "runtime/uv/loop.hpp"
 
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -15,7 +15,7 @@
 #include <unordered_map>
 
 #include "ringpark.h"
-#include "runtime/uv_private.hpp"
+#include "runtime/uv/private.hpp"
 
 namespace ringpark::detail {
 
@@ -313,6 +313,15 @@ extern "C" int rp_uv_run(uv_loop_t* loop, uv_run_mode mode) {
   LoopContext* ctx = LoopContext::get(loop);
   if (ctx == nullptr) return ringpark::detail::real_uv_run()(loop, mode);
   return ctx->run(mode);
+}
+
+extern "C" int rp_uv_attach(uv_loop_t* loop) {
+  if (loop == nullptr) return UV_EINVAL;
+  // The context starts its hidden handles when it is made: the prepare hook
+  // (last in the prepare queue, so ops started by any prepare callback before
+  // it are submitted too) and the wake poll. A program's prepare handles
+  // started later go to the front of libuv's queue, ahead of the hook.
+  return LoopContext::get(loop) != nullptr ? 0 : UV_ENOMEM;
 }
 
 extern "C" int rp_stats(uv_loop_t* loop, rp_stats_t* stats) {

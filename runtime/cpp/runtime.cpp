@@ -35,7 +35,7 @@
 #include "park/timer.hpp"
 #include "ringpark/ops.hpp"
 #include "runtime/chain.hpp"
-#include "runtime/uv_loop.hpp"
+#include "runtime/uv/loop.hpp"
 
 namespace ringpark {
 namespace detail {
@@ -369,7 +369,7 @@ Runtime Runtime::Builder::build() const {
   options.ring.entries = entries_;
   // SINGLE_ISSUER|DEFER_TASKRUN only for the standalone ring: nobody but this
   // thread's block_on ever uses it. A loop's ring must serve whichever thread
-  // runs the loop (runtime/uv_loop.cpp).
+  // runs the loop (runtime/uv/loop.cpp).
   options.ring.defer_taskrun = loop_ == nullptr;
   return Runtime(std::make_unique<detail::RuntimeImpl>(options, loop_));
 }

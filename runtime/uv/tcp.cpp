@@ -43,8 +43,8 @@
 #include <new>
 
 #include "ringpark.h"
-#include "runtime/uv_loop.hpp"
-#include "runtime/uv_private.hpp"
+#include "runtime/uv/loop.hpp"
+#include "runtime/uv/private.hpp"
 
 namespace ringpark::detail {
 namespace {

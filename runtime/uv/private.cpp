@@ -2,13 +2,13 @@
 // (QUEUE as void*[2] links, the loop's prepare/pending/idle queues, the handle
 // flag UV_HANDLE_INTERNAL = 0x10) are those of libuv 1.x on unix and have been
 // stable across 1.x; the build refuses any other major version.
-#include "runtime/uv_private.hpp"
+#include "runtime/uv/private.hpp"
 
 #include <cstdlib>
 #include <cstring>
 
 #if UV_VERSION_MAJOR != 1
-#error "ringpark reads libuv 1.x private fields; check runtime/uv_private.cpp for this version"
+#error "ringpark reads libuv 1.x private fields; check runtime/uv/private.cpp for this version"
 #endif
 
 namespace ringpark::detail::uv_private {

@@ -22,8 +22,8 @@
 #include <mutex>
 
 #include "ringpark.h"
-#include "runtime/uv_fs.hpp"
-#include "runtime/uv_loop.hpp"
+#include "runtime/uv/fs.hpp"
+#include "runtime/uv/loop.hpp"
 
 namespace {
 

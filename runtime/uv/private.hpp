@@ -1,6 +1,6 @@
 // Everything ringpark needs from libuv beyond its public API, in one place and
 // checked against the libuv version it was written for (1.x unix, whose loop
-// and handle layouts these functions read). See uv_private.cpp.
+// and handle layouts these functions read). See private.cpp.
 #pragma once
 
 #include <uv.h>
