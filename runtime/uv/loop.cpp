@@ -291,7 +291,7 @@ int LoopContext::run(uv_run_mode mode) noexcept {
 int LoopContext::close_loop() noexcept {
   if (busy() || open_handles_ > 0) return UV_EBUSY;
   stop_handles();
-  if (poll_extension_) poll_extension_->stop();
+  for (auto& entry : extensions_) entry.second->stop();
   int r = uv_loop_close(loop_);
   if (r != 0) {
     start_handles();

@@ -19,6 +19,8 @@
 #include <uv.h>
 
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "epoll_bridge/uv_reactor.hpp"
 #include "runtime/chain.hpp"
@@ -36,14 +38,37 @@ class LoopContext {
   int run(uv_run_mode mode) noexcept;
   int close_loop() noexcept;
 
-  // Per-loop state of a handle kind built on the context (rp_poll_t's recheck
-  // set), owned and destroyed with it. stop() takes its libuv handles out of the
-  // loop before uv_loop_close; the destructor must not touch the loop.
+  // Per-loop state of a part built on the context (rp_poll_t's recheck set,
+  // the stream engine's live streams...), owned and destroyed with it. One
+  // registry for every part, keyed by the part's type.
   struct Extension {
     virtual ~Extension() = default;
+    // Takes the part's libuv handles out of the loop before uv_loop_close; the
+    // destructor must not touch the loop.
     virtual void stop() noexcept = 0;
+    // In a forked child, once the context has a fresh chain: nothing in the
+    // old ring will ever complete in this process.
+    virtual void after_fork() noexcept {}
   };
-  std::unique_ptr<Extension>& poll_extension() noexcept { return poll_extension_; }
+  // Part T's state, or null while it has none.
+  template <typename T>
+  T* find_extension() const noexcept {
+    for (const auto& [key, ext] : extensions_) {
+      if (key == &kExtensionKey<T>) return static_cast<T*>(ext.get());
+    }
+    return nullptr;
+  }
+  // Gives part T its state (it has none yet); returns it, or null when out of
+  // memory (then `ext` is destroyed).
+  template <typename T>
+  T* add_extension(std::unique_ptr<T> ext) noexcept {
+    try {
+      extensions_.emplace_back(&kExtensionKey<T>, std::move(ext));
+      return static_cast<T*>(extensions_.back().second.get());
+    } catch (const std::bad_alloc&) {
+      return nullptr;
+    }
+  }
 
   // rp_tcp_t and rp_poll_t count themselves from init to their close callback,
   // so that rp_loop_close answers UV_EBUSY while any is open, as uv_loop_close
@@ -96,7 +121,9 @@ class LoopContext {
   bool always_ring_ = false;  // RINGPARK_SLEEP=ring
   std::uint64_t turns_ = 0;
   std::size_t open_handles_ = 0;
-  std::unique_ptr<Extension> poll_extension_;
+  template <typename T>
+  static constexpr char kExtensionKey = 0;  // its address names part T
+  std::vector<std::pair<const void*, std::unique_ptr<Extension>>> extensions_;
 };
 
 // The real uv_run. The preload library, which defines uv_run itself, sets it to

@@ -86,7 +86,7 @@ struct Watcher {
 
 // Ringpark's poll state for one loop: the recheck list, the watchers whose
 // close callbacks are due, and the hidden idle handle that runs both. Made with
-// the loop's first watcher, released when its last watcher is closed.
+// the loop's first watcher, kept with the loop's context.
 struct PollSet final : LoopContext::Extension {
   void stop() noexcept override { uv_idle_stop(&idle); }
 
@@ -105,11 +105,10 @@ struct PollSet final : LoopContext::Extension {
 void on_idle(uv_idle_t* idle);
 
 PollSet* poll_set(uv_loop_t* loop, LoopContext* ctx) noexcept {
-  auto& extension = ctx->poll_extension();
-  if (extension) return static_cast<PollSet*>(extension.get());
-  auto* set = new (std::nothrow) PollSet;
+  if (auto* set = ctx->find_extension<PollSet>()) return set;
+  std::unique_ptr<PollSet> made(new (std::nothrow) PollSet);
+  PollSet* set = made ? ctx->add_extension(std::move(made)) : nullptr;
   if (set == nullptr) return nullptr;
-  extension.reset(set);
   set->loop = loop;
   set->ctx = ctx;
   uv_idle_init(loop, &set->idle);
