@@ -79,6 +79,10 @@ class FallbackDriver final : public Park, public IoBackend {
   // A no-op for an op that is not in flight or whose result is already queued.
   void cancel(Op* op) noexcept override;
   std::size_t in_flight() const noexcept override { return ops_.size(); }
+  // Every op runs here, none as the kernel's own asynchronous operation.
+  bool native(OpCode) noexcept override { return false; }
+  // Nothing waits for a submission: ops start at the next park or turn.
+  void flush() noexcept override {}
 
   // For an outer loop that embeds the fallback (libuv): the EpollReactor's fd,
   // readable when readiness or pool results are pending. Completions that need

@@ -160,7 +160,7 @@ typedef void (*rp_close_cb)(rp_tcp_t* handle);
 struct rp_tcp_s {
   void* data;      /* for the user */
   uv_loop_t* loop; /* read-only */
-  uint64_t private_[80];
+  uint64_t private_[112];
 };
 
 struct rp_write_s {

@@ -75,15 +75,16 @@ class UringDriver final : public Park, public IoBackend {
   // may fail: then false for good), and the answer turns false if the kernel
   // refuses the first multishot recv. Loop thread only; never blocks.
   bool supports(OpCode code) noexcept;
+  bool native(OpCode code) noexcept override { return supports(code); }
 
   // The bytes of provided buffer `id`, named by a completion with kBuffer, for
   // the op owner to read (up to that completion's `res`) until it recycles the
   // buffer. Valid until the driver is destroyed.
-  char* provided_buffer(std::uint16_t id) const noexcept { return buf_ring_->data(id); }
+  char* provided_buffer(std::uint16_t id) const noexcept override { return buf_ring_->data(id); }
   // Gives provided buffer `id` back; the kernel sees it at the end of the reap
   // pass (or the next enter). Aborts for an id the owner does not hold. Loop
   // thread only; never blocks.
-  void recycle(std::uint16_t id) noexcept { buf_ring_->recycle(id); }
+  void recycle(std::uint16_t id) noexcept override { buf_ring_->recycle(id); }
   // Provided buffers held by op owners (0 without a buffer ring).
   unsigned provided_buffers_out() const noexcept { return buf_ring_ ? buf_ring_->out() : 0; }
   // Why multishot recv is off (a negative errno: the buffer ring's
@@ -91,11 +92,13 @@ class UringDriver final : public Park, public IoBackend {
   // when turned off), or 0.
   int recv_multishot_error() const noexcept { return recv_multishot_error_; }
   // The size of one provided buffer (0 without a buffer ring).
-  unsigned provided_buffer_size() const noexcept { return buf_ring_ ? buf_ring_->buf_size() : 0; }
+  unsigned provided_buffer_size() const noexcept override {
+    return buf_ring_ ? buf_ring_->buf_size() : 0;
+  }
 
   // Hands queued SQEs to the kernel without waiting or reaping (one enter, or
   // none when nothing is queued).
-  void flush() noexcept;
+  void flush() noexcept override;
 
   // Makes `fd` readable whenever CQEs are posted, for an outer poller (libuv's
   // epoll) to wait on the ring; `enabled` toggles that without a syscall.

@@ -116,6 +116,23 @@ class IoBackend {
   virtual void cancel(Op* op) noexcept = 0;
   // Number of ops submitted and not yet finally completed.
   virtual std::size_t in_flight() const noexcept = 0;
+  // Whether `code` runs here as the kernel's own asynchronous operation (an
+  // io_uring opcode this kernel has). False on the epoll fallback, which runs
+  // every op but by readiness or on its thread pool, and completes
+  // OpCode::recv_multishot with -EOPNOTSUPP. Never blocks.
+  virtual bool native(OpCode code) noexcept = 0;
+  // Hands what is queued to the kernel now, without waiting or reaping. Never
+  // blocks.
+  virtual void flush() noexcept = 0;
+
+  // Provided buffers (OpCode::recv_multishot). A completion flagged kBuffer
+  // makes buffer buffer_id(flags) the op owner's: it reads up to the
+  // completion's `res` bytes at provided_buffer(id), then gives it back with
+  // recycle(id), at once or later. A backend without them never sets kBuffer.
+  virtual char* provided_buffer(std::uint16_t /*id*/) const noexcept { return nullptr; }
+  virtual void recycle(std::uint16_t /*id*/) noexcept {}
+  // The size of one provided buffer; 0 without them.
+  virtual unsigned provided_buffer_size() const noexcept { return 0; }
 };
 
 }  // namespace ringpark::detail
