@@ -22,6 +22,7 @@ namespace ringpark::detail {
 namespace {
 
 UvReactor::RunFn g_real_uv_run = nullptr;
+LoopCloseFn g_real_uv_loop_close = nullptr;
 
 // Bumped in every forked child, so that a context can tell it was made by the
 // parent without a getpid() call on every operation.
@@ -39,11 +40,20 @@ std::unordered_map<uv_loop_t*, LoopContext*>& registry() {
 
 UvReactor::RunFn real_uv_run() noexcept { return g_real_uv_run ? g_real_uv_run : &uv_run; }
 void set_real_uv_run(UvReactor::RunFn run) noexcept { g_real_uv_run = run; }
+LoopCloseFn real_uv_loop_close() noexcept {
+  return g_real_uv_loop_close ? g_real_uv_loop_close : &uv_loop_close;
+}
+void set_real_uv_loop_close(LoopCloseFn close) noexcept { g_real_uv_loop_close = close; }
 
 LoopContext* LoopContext::find(uv_loop_t* loop) noexcept {
   std::lock_guard lock(g_registry_mutex);
   auto it = registry().find(loop);
   return it == registry().end() ? nullptr : it->second;
+}
+
+void LoopContext::for_each(void (*fn)(LoopContext*)) noexcept {
+  std::lock_guard lock(g_registry_mutex);
+  for (auto& [loop, ctx] : registry()) fn(ctx);
 }
 
 LoopContext* LoopContext::get(uv_loop_t* loop) noexcept {
@@ -240,11 +250,13 @@ void LoopContext::on_prepare(uv_prepare_t* handle) {
   if (self->busy() || (may_sleep && self->always_ring_)) {
     if (may_sleep) {
       self->sleep_in_ring();
-      // The reactor is "ready" when libuv's fd is readable or its timeout is
-      // due; either way libuv's poll returns at once, unless the timeout read 0
-      // only because fds still wait to enter its epoll set.
-      libuv_has_work =
-          self->reactor_->ready() && !uv_private::watchers_pending(self->loop_);
+      // libuv's poll will not block when its timeout is now 0 (a timer due, a
+      // callback pending), unless it read 0 only because fds still wait to
+      // enter its epoll set. A readable epoll fd is no such promise: the event
+      // may be for an fd libuv no longer watches (it drops those lazily), and
+      // then it polls again, and would sleep through our completions.
+      libuv_has_work = self->reactor_->ready() && uv_backend_timeout(self->loop_) == 0 &&
+                       !uv_private::watchers_pending(self->loop_);
     } else {
       self->chain_->top().turn();
     }
@@ -292,7 +304,7 @@ int LoopContext::close_loop() noexcept {
   if (busy() || open_handles_ > 0) return UV_EBUSY;
   stop_handles();
   for (auto& entry : extensions_) entry.second->stop();
-  int r = uv_loop_close(loop_);
+  int r = real_uv_loop_close()(loop_);
   if (r != 0) {
     start_handles();
     return r;
@@ -347,6 +359,6 @@ extern "C" const char* rp_backend(uv_loop_t* loop) {
 extern "C" int rp_loop_close(uv_loop_t* loop) {
   if (loop == nullptr) return UV_EINVAL;
   LoopContext* ctx = LoopContext::find(loop);
-  if (ctx == nullptr) return uv_loop_close(loop);
+  if (ctx == nullptr) return ringpark::detail::real_uv_loop_close()(loop);
   return ctx->close_loop();
 }

@@ -3,6 +3,7 @@
 // test runs once per backend (RINGPARK_BACKEND=uring and =epoll).
 #include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 #include <uv.h>
@@ -524,6 +525,62 @@ TEST_F(UvRun, RingparkOperationCompletesUnderPlainUvRun) {
   ctx->before_libuv_sleeps();
   EXPECT_EQ(uv_run(&loop_, UV_RUN_DEFAULT), 0);
   EXPECT_EQ(res, -ETIME);
+  close_loop();
+}
+
+TEST_F(UvRun, CompletionWakesTheLoopAfterAStaleLibuvEvent) {
+  // libuv leaves a stream's fd in its epoll set when the stream stops
+  // reading, and removes it only when epoll next reports it; then it polls
+  // again. Such a report makes libuv's epoll fd readable, which ends a sleep
+  // in the ring, yet libuv's poll then blocks once more: a ringpark completion
+  // that comes during that poll must still wake it.
+  int pair[2];
+  ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
+  uv_pipe_t stale;
+  ASSERT_EQ(uv_pipe_init(&loop_, &stale, 0), 0);
+  ASSERT_EQ(uv_pipe_open(&stale, pair[0]), 0);
+  ASSERT_EQ(uv_read_start(reinterpret_cast<uv_stream_t*>(&stale),
+                          [](uv_handle_t*, size_t, uv_buf_t* b) { *b = uv_buf_init(nullptr, 0); },
+                          [](uv_stream_t*, ssize_t, const uv_buf_t*) {}),
+            0);
+  rp_uv_run(&loop_, UV_RUN_NOWAIT);  // into libuv's epoll set
+  ASSERT_EQ(uv_read_stop(reinterpret_cast<uv_stream_t*>(&stale)), 0);
+  ASSERT_EQ(::write(pair[1], "s", 1), 1);  // reported by epoll from now on
+  // A read of a pipe, in flight until the writer below, 200 ms from now.
+  int pipe_fds[2];
+  ASSERT_EQ(pipe(pipe_fds), 0);
+  uv_fs_t req;
+  char byte = 0;
+  uv_buf_t buf = uv_buf_init(&byte, 1);
+  int result = 1000;
+  req.data = &result;
+  ASSERT_EQ(rp_fs_read(&loop_, &req, pipe_fds[0], &buf, 1, -1,
+                       [](uv_fs_t* r) {
+                         *static_cast<int*>(r->data) = static_cast<int>(r->result);
+                         uv_fs_req_cleanup(r);
+                       }),
+            0);
+  std::thread writer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    EXPECT_EQ(::write(pipe_fds[1], "x", 1), 1);
+  });
+  // libuv's poll timeout, and the bound of the run: without the wake the loop
+  // sleeps until this fires.
+  uv_timer_t limit;
+  uv_timer_init(&loop_, &limit);
+  uv_timer_start(&limit, [](uv_timer_t* t) { uv_stop(t->loop); }, 5000, 0);
+  uv_unref(reinterpret_cast<uv_handle_t*>(&limit));
+  auto start = Clock::now();
+  while (result == 1000 && Clock::now() - start < std::chrono::seconds(6)) {
+    rp_uv_run(&loop_, UV_RUN_ONCE);
+  }
+  writer.join();
+  EXPECT_EQ(result, 1);
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(2))
+      << "the completion waited for libuv's next timer instead of waking the loop";
+  ::close(pair[1]);
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
   close_loop();
 }
 
