@@ -45,6 +45,16 @@ int rp_stats(uv_loop_t* loop, rp_stats_t* stats);
  * (until rp_loop_close). Never null. */
 const char* rp_backend(uv_loop_t* loop);
 
+/* Whether the program's own uv_tcp_t streams on `loop` are adopted (their
+ * reads and writes run through the loop's ring; see the README's "Adoption"):
+ * "on", or "off (<why>)" such as "off (RINGPARK_ADOPT=0)" or "off (the loop
+ * runs on the epoll fallback)". Adoption needs libringpark-preload (as
+ * LD_PRELOAD, or linked ahead of libuv), whose interposers take the calls;
+ * "on" says only that nothing else stands in its way. Sets up the loop's
+ * ringpark state if needed. The string is valid until the next call on the
+ * same thread. Never null; never blocks. */
+const char* rp_adoption(uv_loop_t* loop);
+
 /* uv_loop_close(loop) that also releases ringpark's state for the loop (its ring
  * and hidden handles). Returns UV_EBUSY, and closes nothing, while handles,
  * requests or ringpark operations are still active. A program that calls plain

@@ -70,6 +70,14 @@ void prepare_handle_op(Stream* s, Role role, OpCode code) noexcept {
   s->role = role;
 }
 
+// Last in every completion: the close goes on once nothing is in flight; an
+// open stream tells its host, which may let go of it. Nothing may touch the
+// stream after this returns.
+void settle(Stream* s) noexcept {
+  if (s->closing()) return s->life.settle();
+  if (s->host->settled) s->host->settled(s);
+}
+
 void submit_handle_op(Stream* s, Role role, OpCode code) noexcept {
   prepare_handle_op(s, role, code);
   s->life.submit(&s->op);
@@ -136,11 +144,17 @@ constexpr FdLife::Hooks kLifeHooks = {&cancel_all, &drained, &closed};
 
 void arm_read(Stream* s) noexcept;
 void ms_resume(Stream* s) noexcept;
+void schedule_drain(Stream* s) noexcept;
 
 // Starts the next read if the stream reads and nothing else holds its op.
 void maybe_arm_read(Stream* s) noexcept {
   if ((s->flags & (kReading | kClosing | kConnecting | kListening)) != kReading || s->in_alloc ||
       s->fd() < 0) {
+    return;
+  }
+  if (s->flags & kQuiescing) {
+    // Only what is held goes out; nothing new is read.
+    if (s->held_len > 0 || s->held_end != 0) schedule_drain(s);
     return;
   }
   if (s->read_mode == ReadMode::multishot || s->held_len > 0 || s->held_end != 0) {
@@ -535,7 +549,7 @@ void on_ms_op(Op* op, int res, std::uint32_t flags) noexcept {
     std::abort();
   }
   if (!more) ms_ended(s, res, we_cancelled);
-  s->life.settle();
+  settle(s);
 }
 
 // ---- Listening ----------------------------------------------------------------
@@ -638,6 +652,7 @@ void start_write(Stream* s, WriteReq* w) noexcept {
 
 // Takes the head write off the queue and hands it back to the front end.
 void finish_write(Stream* s, WriteReq* w, int status) noexcept {
+  s->queued_bytes -= w->size;  // what an error or the close left unsent
   s->write_head = w->next;
   if (s->write_head == nullptr) s->write_tail = nullptr;
   if (w->iov != w->small) std::free(w->iov);
@@ -673,8 +688,10 @@ void pump_writes(Stream* s) noexcept {
 }
 
 // Consumes `n` sent bytes from the front of the write's buffers.
-void advance(WriteReq* w, std::size_t n) noexcept {
-  w->size -= n < w->size ? n : w->size;
+void advance(Stream* s, WriteReq* w, std::size_t n) noexcept {
+  const std::size_t sent = n < w->size ? n : w->size;
+  w->size -= sent;
+  s->queued_bytes -= sent;
   while (n > 0 && w->index < w->nbufs) {
     iovec& v = w->iov[w->index];
     const std::size_t k = n < v.iov_len ? n : v.iov_len;
@@ -691,7 +708,7 @@ void on_write_op(Op* op, int res, std::uint32_t) noexcept {
   Stream* s = w->stream;
   s->life.ended();
   s->write_active = false;
-  if (res > 0) advance(w, static_cast<std::size_t>(res));
+  if (res > 0) advance(s, w, static_cast<std::size_t>(res));
   const bool done = w->index >= w->nbufs;
   int status;
   if (done && res >= 0) {
@@ -706,7 +723,7 @@ void on_write_op(Op* op, int res, std::uint32_t) noexcept {
   }
   finish_write(s, w, status);
   pump_writes(s);
-  s->life.settle();
+  settle(s);
 }
 
 // ---- Connecting and shutting down ----------------------------------------------
@@ -728,7 +745,7 @@ void on_connect_op(Op* op, int res, std::uint32_t) noexcept {
     pump_writes(s);
     maybe_arm_read(s);
   }
-  s->life.settle();
+  settle(s);
 }
 
 void on_shutdown_op(Op* op, int res, std::uint32_t) noexcept {
@@ -736,7 +753,7 @@ void on_shutdown_op(Op* op, int res, std::uint32_t) noexcept {
   Stream* s = r->stream;
   s->life.ended();
   finish_shutdown(s, res == 0 || !s->closing() ? res : UV_ECANCELED);
-  s->life.settle();
+  settle(s);
 }
 
 // ---- After a fork ---------------------------------------------------------------
@@ -798,7 +815,7 @@ void on_handle_op(Op* op, int res, std::uint32_t flags) noexcept {
       std::fprintf(stderr, "ringpark: completion for idle stream %p\n", static_cast<void*>(s));
       std::abort();
   }
-  s->life.settle();
+  settle(s);
 }
 
 }  // namespace
@@ -859,6 +876,7 @@ int write_prepare(WriteReq* w, const uv_buf_t bufs[], unsigned nbufs) noexcept {
 
 void write(Stream* s, WriteReq* w) noexcept {
   w->stream = s;
+  s->queued_bytes += w->size;
   if (s->write_tail) {
     s->write_tail->next = w;
   } else {
@@ -868,11 +886,6 @@ void write(Stream* s, WriteReq* w) noexcept {
   pump_writes(s);
 }
 
-std::size_t write_queue_size(const Stream* s) noexcept {
-  std::size_t n = 0;
-  for (const WriteReq* w = s->write_head; w != nullptr; w = w->next) n += w->size;
-  return n;
-}
 
 int try_write(Stream* s, const uv_buf_t bufs[], unsigned nbufs) noexcept {
   if (s->write_head != nullptr || (s->flags & kConnecting)) return UV_EAGAIN;
@@ -928,6 +941,20 @@ int accept(Stream* s) noexcept {
   s->acc_head = (s->acc_head + 1) % s->acc_cap;
   --s->acc_count;
   return fd;
+}
+
+void quiesce(Stream* s) noexcept {
+  s->flags |= kQuiescing;
+  if (s->role == Role::recv || s->role == Role::poll || s->role == Role::ready) {
+    s->read_cancelled = true;
+    s->life.io().cancel(&s->op);
+  }
+  cancel_multishot(s);
+}
+
+bool quiet(const Stream* s) noexcept {
+  return s->life.in_flight() == 0 && s->write_head == nullptr && s->shutdown == nullptr &&
+         s->connect == nullptr && s->held_len == 0 && s->held_end == 0 && !s->buf_lent;
 }
 
 bool close(Stream* s) noexcept {

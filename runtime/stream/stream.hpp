@@ -77,6 +77,10 @@ struct Host {
   // The socket is closed and nothing of the stream is in flight: the Stream
   // may be freed from here on.
   void (*closed)(Stream* s) noexcept;
+  // Last in every completion of an open stream's op, when the engine has
+  // nothing more to do with the stream for now: the host may look at quiet()
+  // and let go of the stream. May be null.
+  void (*settled)(Stream* s) noexcept;
   // The engine stopped reading by itself (the end of the stream, an error),
   // at the point where libuv would: before the UV_EOF read, after an error's.
   // May be null.
@@ -107,6 +111,7 @@ enum Flag : std::uint32_t {
   kClosing = 1u << 7,      // close asked for
   kClosed = 1u << 8,       // `closed` has run
   kReadEof = 1u << 9,      // the end of the stream was delivered
+  kQuiescing = 1u << 10,   // quiesce(): no new reads, only what is held
 };
 
 // What the Stream's `op` is doing.
@@ -193,6 +198,7 @@ struct Stream {
   std::uint32_t acc_head = 0;
   std::uint32_t acc_count = 0;
   std::uint32_t acc_cap = 0;
+  std::size_t queued_bytes = 0;    // of the queued writes, not yet sent (libuv's write_queue_size)
   WriteReq* write_head = nullptr;  // writes in order; only the head is in flight
   WriteReq* write_tail = nullptr;
   ConnectReq* connect = nullptr;
@@ -223,8 +229,6 @@ void read_stop(Stream* s) noexcept;
 // Copies `bufs` into `w` (the bytes are not copied). Returns 0 or UV_ENOMEM.
 int write_prepare(WriteReq* w, const uv_buf_t bufs[], unsigned nbufs) noexcept;
 void write(Stream* s, WriteReq* w) noexcept;
-// The bytes of the queued writes not yet sent (libuv's write_queue_size).
-std::size_t write_queue_size(const Stream* s) noexcept;
 // libuv's uv_try_write: sends at once, with a non-blocking syscall, when no
 // write is queued or in flight. Returns the bytes sent (maybe fewer than
 // asked), UV_EAGAIN when the socket is full or writes are queued, or an
@@ -239,6 +243,12 @@ void shutdown(Stream* s, ShutdownReq* r) noexcept;
 void listen(Stream* s) noexcept;
 // Takes the oldest accepted connection: its fd, or UV_EAGAIN.
 int accept(Stream* s) noexcept;
+// Stops reading anything new (the recv in flight is cancelled); held bytes
+// are still delivered while the stream reads. For a host that wants to hand
+// the socket back to another owner once quiet().
+void quiesce(Stream* s) noexcept;
+// Nothing in flight, queued, held or lent: the socket can change owners.
+bool quiet(const Stream* s) noexcept;
 // Cancels everything and runs the close protocol; `closed` comes last. Returns
 // false when already closing.
 bool close(Stream* s) noexcept;

@@ -34,6 +34,9 @@ class LoopContext {
   static LoopContext* get(uv_loop_t* loop) noexcept;
   // The context if one exists, without making one.
   static LoopContext* find(uv_loop_t* loop) noexcept;
+  // Runs `fn` on every context of the process, under the registry's lock (so
+  // `fn` must not make or close contexts).
+  static void for_each(void (*fn)(LoopContext*)) noexcept;
 
   int run(uv_run_mode mode) noexcept;
   int close_loop() noexcept;
@@ -130,5 +133,9 @@ class LoopContext {
 // the next definition in the lookup order.
 UvReactor::RunFn real_uv_run() noexcept;
 void set_real_uv_run(UvReactor::RunFn run) noexcept;
+// The real uv_loop_close, likewise (the preload interposes it too).
+using LoopCloseFn = int (*)(uv_loop_t*);
+LoopCloseFn real_uv_loop_close() noexcept;
+void set_real_uv_loop_close(LoopCloseFn close) noexcept;
 
 }  // namespace ringpark::detail

@@ -1,19 +1,31 @@
 // libringpark-preload.so: loaded with LD_PRELOAD into a dynamically linked
-// libuv 1.x program, it interposes
-// - uv_run, so that the program runs on ringpark without a rebuild;
+// libuv 1.x program (or linked ahead of libuv), it interposes
+// - uv_run, so that the program runs on ringpark without a rebuild, and
+//   uv_loop_close, which then also releases the loop's ringpark state;
 // - the asynchronous file requests uv_fs_open, close, read, write, fsync,
 //   fdatasync, stat, fstat, lstat, unlink, rename, mkdir and ftruncate, so that
 //   the program's file I/O goes through the loop's ring instead of libuv's
-//   thread pool (each is its rp_fs_* twin, with the same contract).
-// Calls with cb == NULL (libuv's synchronous mode) go straight to libuv.
+//   thread pool (each is its rp_fs_* twin, with the same contract);
+// - the stream calls uv_read_start, uv_read_stop, uv_write, uv_write2,
+//   uv_try_write, uv_try_write2, uv_shutdown, uv_close and
+//   uv_stream_set_blocking, so that the program's own TCP streams are adopted
+//   (runtime/uv/adopt/adopt.hpp). libuv calls uv_write2, uv_try_write2,
+//   uv_read_stop and uv_close from inside itself through its PLT (uv_write,
+//   uv_try_write, uv_close's stream close, uv_tcp_close_reset), so those
+//   reach the interposers too; its other internal calls do not need to.
+// Calls with cb == NULL (libuv's synchronous fs mode) go straight to libuv.
 // RINGPARK_BACKEND=epoll still selects the fallback, where rp_fs_* are libuv's
-// own calls; RINGPARK_PRELOAD_FS=0 leaves every uv_fs_* call to libuv.
+// own calls and no stream is adopted; RINGPARK_PRELOAD_FS=0 leaves every
+// uv_fs_* call to libuv, RINGPARK_ADOPT=0 every stream. RINGPARK_STATS=1
+// prints one line per loop, at its uv_loop_close or at exit: the backend,
+// what adoption did, and the counts of the loop's chain.
 //
-// Recursion: ringpark's own calls to uv_run and uv_fs_* (rp_fs_* fall back on
-// their uv_fs_* twin) would resolve to the definitions below, which call back
-// into ringpark. So every such call goes through a pointer that the
-// constructor aims at the next definition in the lookup order (libuv's):
-// set_real_uv_run and set_uv_fs_twins.
+// Recursion: ringpark's own calls to uv_run, uv_fs_* and the stream calls
+// (rp_fs_* fall back on their uv_fs_* twin, adoption hands streams back to
+// libuv) would resolve to the definitions below, which call back into
+// ringpark. So every such call goes through a pointer that the constructor
+// aims at the next definition in the lookup order (libuv's): set_real_uv_run,
+// set_uv_fs_twins and set_uv_stream_fns.
 #include <dlfcn.h>
 
 #include <cstdio>
@@ -22,6 +34,7 @@
 #include <mutex>
 
 #include "ringpark.h"
+#include "runtime/uv/adopt/adopt.hpp"
 #include "runtime/uv/fs.hpp"
 #include "runtime/uv/loop.hpp"
 
@@ -78,22 +91,120 @@ const Fs& fs() noexcept {
   return state;
 }
 
+// libuv's stream calls (never ours), aimed once.
+void aim_stream_fns() noexcept {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    ringpark::detail::adopt::UvStreamFns f;
+    aim(f.read_start, "uv_read_start");
+    aim(f.read_stop, "uv_read_stop");
+    aim(f.write2, "uv_write2");
+    aim(f.try_write2, "uv_try_write2");
+    aim(f.shutdown, "uv_shutdown");
+    aim(f.close, "uv_close");
+    aim(f.set_blocking, "uv_stream_set_blocking");
+    ringpark::detail::adopt::set_uv_stream_fns(f);
+  });
+}
+
+bool stats_wanted() noexcept {
+  static const bool wanted = [] {
+    const char* v = std::getenv("RINGPARK_STATS");
+    return v != nullptr && std::strcmp(v, "0") != 0 && *v != '\0';
+  }();
+  return wanted;
+}
+
+void print_stats(ringpark::detail::LoopContext* ctx) noexcept {
+  try {
+    std::fprintf(stderr, "%s\n", ringpark::detail::adopt::stats_line(ctx).c_str());
+  } catch (...) {
+  }
+}
+
+// Everything the interposers need, once: the next definitions of what they
+// replace, and the one-line notices.
+void init_once() noexcept {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    ringpark::detail::set_real_uv_run(next_uv_run());
+    ringpark::detail::LoopCloseFn loop_close;
+    aim(loop_close, "uv_loop_close");
+    ringpark::detail::set_real_uv_loop_close(loop_close);
+    (void)fs();
+    aim_stream_fns();
+    if (stats_wanted()) {
+      std::atexit([] { ringpark::detail::LoopContext::for_each(&print_stats); });
+    }
+    // Say it once when adoption cannot work in this process at all; a user
+    // who turned it off with RINGPARK_ADOPT=0 knows.
+    const char* why = ringpark::detail::adopt::process_gate();
+    if (why != nullptr && std::strcmp(why, "RINGPARK_ADOPT=0") != 0) {
+      std::fprintf(stderr, "ringpark-preload: streams stay libuv's: %s\n", why);
+    }
+  });
+}
+
 }  // namespace
 
-// Ringpark's own calls to uv_run and uv_fs_* would otherwise resolve to the
-// definitions below.
-__attribute__((constructor)) static void ringpark_preload_init() {
-  ringpark::detail::set_real_uv_run(next_uv_run());
-  (void)fs();
-}
+// Ringpark's own calls to uv_run, uv_fs_* and the stream calls would otherwise
+// resolve to the definitions below.
+__attribute__((constructor)) static void ringpark_preload_init() { init_once(); }
 
 #define RP_EXPORT extern "C" __attribute__((visibility("default")))
 
 RP_EXPORT int uv_run(uv_loop_t* loop, uv_run_mode mode) {
-  // A uv_run from another library's constructor may come before ours ran.
-  ringpark::detail::set_real_uv_run(next_uv_run());
-  (void)fs();
+  init_once();  // a uv_run from another library's constructor may come before ours ran
   return rp_uv_run(loop, mode);
+}
+
+RP_EXPORT int uv_loop_close(uv_loop_t* loop) {
+  init_once();
+  if (loop != nullptr && stats_wanted()) {
+    if (auto* ctx = ringpark::detail::LoopContext::find(loop)) print_stats(ctx);
+  }
+  return rp_loop_close(loop);
+}
+
+// The stream calls: adoption decides, and forwards what it does not take.
+RP_EXPORT int uv_read_start(uv_stream_t* stream, uv_alloc_cb alloc_cb, uv_read_cb read_cb) {
+  init_once();
+  return ringpark::detail::adopt::read_start(stream, alloc_cb, read_cb);
+}
+RP_EXPORT int uv_read_stop(uv_stream_t* stream) {
+  init_once();
+  return ringpark::detail::adopt::read_stop(stream);
+}
+RP_EXPORT int uv_write2(uv_write_t* req, uv_stream_t* handle, const uv_buf_t bufs[],
+                        unsigned int nbufs, uv_stream_t* send_handle, uv_write_cb cb) {
+  init_once();
+  return ringpark::detail::adopt::write2(req, handle, bufs, nbufs, send_handle, cb);
+}
+RP_EXPORT int uv_write(uv_write_t* req, uv_stream_t* handle, const uv_buf_t bufs[],
+                       unsigned int nbufs, uv_write_cb cb) {
+  init_once();
+  return ringpark::detail::adopt::write2(req, handle, bufs, nbufs, nullptr, cb);
+}
+RP_EXPORT int uv_try_write2(uv_stream_t* handle, const uv_buf_t bufs[], unsigned int nbufs,
+                            uv_stream_t* send_handle) {
+  init_once();
+  return ringpark::detail::adopt::try_write2(handle, bufs, nbufs, send_handle);
+}
+RP_EXPORT int uv_try_write(uv_stream_t* handle, const uv_buf_t bufs[], unsigned int nbufs) {
+  init_once();
+  return ringpark::detail::adopt::try_write2(handle, bufs, nbufs, nullptr);
+}
+RP_EXPORT int uv_shutdown(uv_shutdown_t* req, uv_stream_t* handle, uv_shutdown_cb cb) {
+  init_once();
+  return ringpark::detail::adopt::shutdown(req, handle, cb);
+}
+RP_EXPORT void uv_close(uv_handle_t* handle, uv_close_cb close_cb) {
+  init_once();
+  ringpark::detail::adopt::close(handle, close_cb);
+}
+RP_EXPORT int uv_stream_set_blocking(uv_stream_t* handle, int blocking) {
+  init_once();
+  return ringpark::detail::adopt::set_blocking(handle, blocking);
 }
 
 // Each interposer: the real function when the file part is off or the call is

@@ -1,7 +1,10 @@
 // The only file that reaches into libuv's private fields. The layouts used here
-// (QUEUE as void*[2] links, the loop's prepare/pending/idle queues, the handle
-// flag UV_HANDLE_INTERNAL = 0x10) are those of libuv 1.x on unix and have been
-// stable across 1.x; the build refuses any other major version.
+// (QUEUE as void*[2] links, the loop's prepare/pending/idle queues, the stream
+// fields, the handle flags) are those of libuv 1.x on unix; the stream and
+// loop layouts and the flags are the same from 1.44 through 1.52 (checked
+// against each release's headers), with the exception noted at set_shutting.
+// The build refuses any other major version, and adoption, which depends on
+// the stream fields most, checks the running version (runtime/uv/adopt/).
 #include "runtime/uv/private.hpp"
 
 #include <cstdlib>
@@ -107,5 +110,59 @@ void fs_set_args(uv_fs_t* req, uv_file file, int flags, int mode, std::int64_t o
 
 void req_register(uv_loop_t* loop) noexcept { ++loop->active_reqs.count; }
 void req_unregister(uv_loop_t* loop) noexcept { --loop->active_reqs.count; }
+
+void req_init(uv_loop_t* loop, uv_req_t* req, uv_req_type type) noexcept {
+  req->type = type;
+  req_register(loop);
+}
+
+void handle_start(uv_handle_t* handle) noexcept {
+  if (handle->flags & flags::kActive) return;
+  handle->flags |= flags::kActive;
+  if (handle->flags & flags::kRef) ++handle->loop->active_handles;
+}
+
+void handle_stop(uv_handle_t* handle) noexcept {
+  if (!(handle->flags & flags::kActive)) return;
+  handle->flags &= ~flags::kActive;
+  if (handle->flags & flags::kRef) --handle->loop->active_handles;
+}
+
+int stream_fd(const uv_stream_t* stream) noexcept { return stream->io_watcher.fd; }
+void set_stream_fd(uv_stream_t* stream, int fd) noexcept { stream->io_watcher.fd = fd; }
+
+bool stream_quiet(const uv_stream_t* stream) noexcept {
+  const void* write_queue = &stream->write_queue;
+  const void* completed = &stream->write_completed_queue;
+  return stream->connect_req == nullptr && stream->shutdown_req == nullptr &&
+         stream->write_queue_size == 0 && stream->write_queue[0] == write_queue &&
+         stream->write_completed_queue[0] == completed && stream->io_watcher.pevents == 0 &&
+         !shutting(stream);
+}
+
+namespace {
+// UV_HANDLE_SHUTTING of libuv 1.44, gone from 1.45 on.
+constexpr unsigned kShutting144 = 0x100;
+bool has_shutting_flag() noexcept { return uv_version() < 0x012d00; }  // before 1.45.0
+}  // namespace
+
+bool shutting(const uv_stream_t* stream) noexcept {
+  if (stream->shutdown_req != nullptr) return true;
+  return has_shutting_flag() && (stream->flags & kShutting144);
+}
+
+void set_shutting(uv_stream_t* stream, uv_shutdown_t* req) noexcept {
+  stream->shutdown_req = req;
+  if (!has_shutting_flag()) return;
+  if (req != nullptr) {
+    stream->flags |= kShutting144;
+  } else {
+    stream->flags &= ~kShutting144;
+  }
+}
+
+void*& adoption_slot(uv_tcp_t* stream) noexcept {
+  return reinterpret_cast<void*&>(stream->queued_fds);
+}
 
 }  // namespace ringpark::detail::uv_private

@@ -44,5 +44,46 @@ void fs_set_args(uv_fs_t* req, uv_file file, int flags, int mode, std::int64_t o
 // requests, so uv_loop_alive and uv_run's return value account for it.
 void req_register(uv_loop_t* loop) noexcept;
 void req_unregister(uv_loop_t* loop) noexcept;
+// Fills a request's public head as libuv's uv__req_init does (type) and
+// counts it as an active request of `loop`.
+void req_init(uv_loop_t* loop, uv_req_t* req, uv_req_type type) noexcept;
+
+// ---- Streams: what adopting a libuv stream needs (runtime/uv/adopt/) --------
+//
+// libuv's handle flags (src/uv-common.h), the same values from 1.44 through
+// 1.51, except kShutting, which 1.45 removed: from then on a stream is
+// shutting while its shutdown_req is set (set_shutting does the right thing
+// for the running version).
+namespace flags {
+constexpr unsigned kClosing = 0x1;
+constexpr unsigned kActive = 0x4;
+constexpr unsigned kRef = 0x8;
+constexpr unsigned kListening = 0x40;
+constexpr unsigned kShut = 0x200;
+constexpr unsigned kReadEof = 0x800;
+constexpr unsigned kReading = 0x1000;
+constexpr unsigned kReadable = 0x4000;
+constexpr unsigned kWritable = 0x8000;
+}  // namespace flags
+
+// libuv's uv__handle_start / uv__handle_stop: the ACTIVE flag, and the loop's
+// count of active handles for a referenced handle.
+void handle_start(uv_handle_t* handle) noexcept;
+void handle_stop(uv_handle_t* handle) noexcept;
+// The stream's fd (io_watcher.fd), and setting it (-1 once ringpark closed it).
+int stream_fd(const uv_stream_t* stream) noexcept;
+void set_stream_fd(uv_stream_t* stream, int fd) noexcept;
+// True when libuv has nothing of its own going on for the stream's socket:
+// no connect in progress, no write queued or owed a callback, no shutdown,
+// its fd watched for nothing (libuv neither reads nor writes it).
+bool stream_quiet(const uv_stream_t* stream) noexcept;
+// Whether a shutdown is pending, and marking it so, as the running libuv
+// version records it (1.44: a flag and shutdown_req; 1.45 on: shutdown_req).
+bool shutting(const uv_stream_t* stream) noexcept;
+void set_shutting(uv_stream_t* stream, uv_shutdown_t* req) noexcept;
+// A pointer-sized field of a TCP stream that libuv uses only for IPC pipes
+// (queued_fds), where adoption keeps its state. It must be null again before
+// the stream goes back to libuv (uv_close frees it if not).
+void*& adoption_slot(uv_tcp_t* stream) noexcept;
 
 }  // namespace ringpark::detail::uv_private

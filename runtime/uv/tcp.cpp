@@ -184,9 +184,18 @@ void host_closed(st::Stream* s) noexcept {
 // bytes waiting as the suggested size, buffers lent on the plain path, and
 // EOF and errors with a null buffer on the multishot path.
 constexpr st::Host kHost = {
-    &host_alloc,      &host_read,   &host_write_done, &host_connect_done, &host_shutdown_done,
-    &host_connection, &host_closed, nullptr,          /*lend_buffers=*/true,
-    /*fixed_suggestion=*/false,     /*end_with_buffer=*/false,
+    .alloc = &host_alloc,
+    .read = &host_read,
+    .write_done = &host_write_done,
+    .connect_done = &host_connect_done,
+    .shutdown_done = &host_shutdown_done,
+    .connection = &host_connection,
+    .closed = &host_closed,
+    .settled = nullptr,
+    .reading_ended = nullptr,
+    .lend_buffers = true,
+    .fixed_suggestion = false,
+    .end_with_buffer = false,
 };
 
 // ---- Sockets ------------------------------------------------------------------
