@@ -14,11 +14,16 @@ usage() {
   cat <<EOF
 usage: $0 --ringpark-lib PATH/libringpark.so --include DIR [options] [WORK_DIR] [-- TEST...]
        $0 --plain [options] [WORK_DIR] [-- TEST...]
+       $0 --preload PATH/libringpark-preload.so [options] [WORK_DIR] [-- TEST...]
 
   --ringpark-lib PATH  libringpark.so to route uv_run to (defines rp_uv_run)
   --include DIR        folder holding ringpark.h
   --plain              build and run the suite on plain uv_run (no wrap, no
                        ringpark): the baseline to compare failures against
+  --preload PATH       the plain runner, unchanged, run with LD_PRELOAD=PATH:
+                       every uv_run, uv_fs_* and stream call of the tests goes
+                       through the preload, so the tests' own TCP streams are
+                       adopted (runtime/uv/adopt/)
   --work-dir DIR       work dir (also accepted as the one positional argument);
                        default: \${BUILD_DIR:-build}/libuv_suite = $(printf %q "${BUILD_DIR:-build}/libuv_suite")
   --timeout SECONDS    bound on the whole run (default 1800)
@@ -77,7 +82,7 @@ fi
 # ---------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------
-RP_LIB="" RP_INCLUDE="" PLAIN=0 WORK="" TOTAL_TIMEOUT=1800 TEST_TIMEOUT=300
+RP_LIB="" RP_INCLUDE="" PLAIN=0 PRELOAD="" WORK="" TOTAL_TIMEOUT=1800 TEST_TIMEOUT=300
 BUILD_ONLY=0 JOBS=2
 ONLY=()
 while [[ $# -gt 0 ]]; do
@@ -87,6 +92,8 @@ while [[ $# -gt 0 ]]; do
     --include) RP_INCLUDE="${2:?--include needs a folder}"; shift 2 ;;
     --include=*) RP_INCLUDE="${1#*=}"; shift ;;
     --plain) PLAIN=1; shift ;;
+    --preload) PRELOAD="${2:?--preload needs a path}"; PLAIN=1; shift 2 ;;
+    --preload=*) PRELOAD="${1#*=}"; PLAIN=1; shift ;;
     --work-dir) WORK="${2:?--work-dir needs a folder}"; shift 2 ;;
     --work-dir=*) WORK="${1#*=}"; shift ;;
     --timeout) TOTAL_TIMEOUT="${2:?}"; shift 2 ;;
@@ -126,6 +133,13 @@ WORK="$(realpath "$WORK")"
 SRC="$WORK/$SRC_NAME"
 BUILD="$WORK/build-$MODE"
 RESULTS="$WORK/results-$MODE"
+RUN_ENV=()
+if [[ -n "$PRELOAD" ]]; then
+  [[ -f "$PRELOAD" ]] || die "no such file: $PRELOAD"
+  PRELOAD="$(realpath "$PRELOAD")"
+  RESULTS="$WORK/results-preload"
+  RUN_ENV=("LD_PRELOAD=$PRELOAD")
+fi
 
 # The system libuv the tests must run on.
 INSTALLED="$(dpkg-query -W -f='${Version}' libuv1 2>/dev/null || true)"
@@ -308,6 +322,17 @@ run_suite() {
   : >"$RESULTS/verdicts"
   printf '%s\n' "${to_run[@]}" >"$RESULTS/to_run"
 
+  if [[ -n "$PRELOAD" ]]; then
+    # A run in which adoption silently stayed off would prove nothing: one
+    # test that writes through a TCP stream must report adopted streams.
+    local probe
+    probe="$(cd "$SRC" && env "${env_root[@]}" "${RUN_ENV[@]}" RINGPARK_STATS=1 \
+      unshare -n -- sh -c 'ip link set lo up && exec "$@"' sh \
+      "$RUNNER" tcp_write_queue_order tcp_write_queue_order 2>&1)" || true
+    grep -qE 'adopted [1-9][0-9]* streams' <<<"$probe" \
+      || die "under the preload no stream was adopted in tcp_write_queue_order: $probe"
+    log "adoption is on: $(grep -oE 'adopted [0-9]+ streams[^;]*' <<<"$probe")"
+  fi
   log "running ${#to_run[@]} tests ($MODE, ${#excluded_run[@]} excluded) in a loopback-only network namespace, cwd $SRC"
   local start end rc=0
   start=$(date +%s)
@@ -322,7 +347,7 @@ run_suite() {
   # a failed spawn test, say) is killed when the driver ends or is killed.
   # timeout sends SIGKILL: unshare ignores SIGTERM while it waits, and on its
   # death --kill-child takes the whole namespace down with it.
-  env "${env_root[@]}" timeout -s KILL "$TOTAL_TIMEOUT" \
+  env "${env_root[@]}" "${RUN_ENV[@]}" timeout -s KILL "$TOTAL_TIMEOUT" \
     unshare -n -p --kill-child --mount-proc -- sh -c 'ip link set lo up && exec "$@"' sh \
       bash "$SELF" --inner "$RUNNER" "$SRC" "$RESULTS" "$TEST_TIMEOUT" \
       <"$RESULTS/to_run" 9>&-
@@ -352,7 +377,7 @@ run_suite() {
   skipped=$((skipped + ${#excluded_run[@]}))
 
   echo
-  echo "libuv $UV_VERSION test suite, mode $MODE, $((end - start))s; logs in $RESULTS/logs"
+  echo "libuv $UV_VERSION test suite, mode $MODE${PRELOAD:+ under LD_PRELOAD=$PRELOAD}, $((end - start))s; logs in $RESULTS/logs"
   echo "skipped: $self_skipped by libuv itself, ${#excluded_run[@]} excluded by excluded.txt${excluded_run[*]:+ (${excluded_run[*]})}"
   if [[ ${#failures[@]} -gt 0 ]]; then
     echo "failed tests:"
