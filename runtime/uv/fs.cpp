@@ -78,8 +78,7 @@ LoopContext* ring_for(uv_loop_t* loop, OpCode code) noexcept {
   if (loop == nullptr) return nullptr;
   LoopContext* ctx = LoopContext::get(loop);
   if (ctx == nullptr) return nullptr;
-  UringDriver* uring = ctx->chain().uring();
-  return uring && uring->supports(code) ? ctx : nullptr;
+  return ctx->chain().io().native(code) ? ctx : nullptr;
 }
 
 // Fills the request as libuv would and makes the ring op for it. Null (with

@@ -252,8 +252,9 @@ std::string version_string(unsigned v) {
 // Why the loop's streams cannot be adopted, or null.
 const char* loop_gate(LoopContext* ctx) noexcept {
   if (const char* why = process_gate()) return why;
-  if (ctx->chain().uring() == nullptr) return "the loop runs on the epoll fallback";
-  if (!ctx->chain().io().native(OpCode::recv_multishot)) {
+  IoBackend& io = ctx->chain().io();
+  if (!io.native(OpCode::recv)) return "the loop runs on the epoll fallback";
+  if (!io.native(OpCode::recv_multishot)) {
     return "the kernel has no multishot recv with provided buffers (Linux 6.0)";
   }
   return nullptr;
@@ -396,6 +397,21 @@ int write2(uv_write_t* req, uv_stream_t* stream, const uv_buf_t bufs[], unsigned
   return 0;
 }
 
+// RINGPARK_TRY_WRITE=queue makes uv_try_write on an adopted stream answer
+// UV_EAGAIN, so that the program's fallback uv_write joins the turn's batch
+// instead of costing a syscall of its own. node, uvloop and BIND fall back so;
+// knot-resolver 5.7.4 and later does not (its send fails), which is why the
+// default sends at once, as libuv does (bench/RESULTS.md has both measured).
+namespace {
+bool try_write_queues() noexcept {
+  static const bool queue = [] {
+    const char* v = std::getenv("RINGPARK_TRY_WRITE");
+    return v != nullptr && std::strcmp(v, "queue") == 0;
+  }();
+  return queue;
+}
+}  // namespace
+
 int try_write2(uv_stream_t* stream, const uv_buf_t bufs[], unsigned int nbufs,
                uv_stream_t* send_handle) noexcept {
   Adopted* a = adopted(stream);
@@ -409,6 +425,7 @@ int try_write2(uv_stream_t* stream, const uv_buf_t bufs[], unsigned int nbufs,
   if (nbufs == 0 || bufs == nullptr) return UV_EINVAL;
   if (uv_private::stream_fd(stream) < 0 || (h->flags & uf::kClosing)) return UV_EBADF;
   if (!(h->flags & uf::kWritable)) return UV_EPIPE;
+  if (try_write_queues()) return UV_EAGAIN;
   return st::try_write(&a->s, bufs, nbufs);
 }
 
@@ -500,7 +517,7 @@ std::string stats_line(LoopContext* ctx) {
             " reads and " + std::to_string(counts.writes) + " writes through the ring";
   }
   line += "; " + std::to_string(ctx->turns()) + " turns, " + std::to_string(c.enters) +
-          (ctx->chain().uring() ? " io_uring_enter calls, " : " epoll_wait calls, ") +
+          (ctx->chain().io().native(OpCode::nop) ? " io_uring_enter calls, " : " epoll_wait calls, ") +
           std::to_string(c.sqes_submitted) + " SQEs, " + std::to_string(c.cqes_reaped) + " CQEs";
   if (counts.reads + counts.writes > 0) {
     // What libuv would have spent on the same traffic, at the least: a read
