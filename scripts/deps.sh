@@ -3,7 +3,7 @@
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config liburing-dev libuv1-dev libgtest-dev libgmock-dev
-      libseccomp-dev dpkg-dev iproute2 util-linux)
+      libseccomp-dev dpkg-dev iproute2 util-linux curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds ringpark and passes every test, on a fresh Debian 12 machine:
 #   1. the GoogleTest suite (each test once per backend: io_uring and epoll);
-#   2. the same suite under AddressSanitizer and UndefinedBehaviorSanitizer;
-#   3. libuv 1.44.2's own test suite with every uv_run routed to rp_uv_run,
+#   2. real programs under the preload (tests/programs/run.sh: our uv echo and
+#      HTTP servers, Debian 12's node 18), every byte checked;
+#   3. the GoogleTest suite under AddressSanitizer and UndefinedBehaviorSanitizer;
+#   4. libuv 1.44.2's own test suite with every uv_run routed to rp_uv_run,
 #      inside a network namespace that has only loopback; and once more,
 #      unchanged, under LD_PRELOAD=libringpark-preload.so, so that the tests'
 #      own TCP streams are adopted.
-# Set RINGPARK_QUICK=1 to skip 2 and 3.
+# Set RINGPARK_QUICK=1 to skip 2 to 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -24,6 +26,9 @@ ctest --test-dir build -j"$jobs" --output-on-failure
 bash tests/install/run.sh build
 
 if [ "${RINGPARK_QUICK:-0}" != 1 ]; then
+  # Real libuv programs, unchanged, under the preload: our uv echo and HTTP
+  # servers and Debian's node 18 (fetched into build/programs).
+  bash tests/programs/run.sh build
   build build-asan -DRINGPARK_SANITIZE=address -DRINGPARK_BUILD_SAMPLES=OFF
   ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan -j"$jobs" --output-on-failure
   build build-ubsan -DRINGPARK_SANITIZE=undefined -DRINGPARK_BUILD_SAMPLES=OFF
