@@ -25,5 +25,6 @@ install(FILES ${CMAKE_CURRENT_BINARY_DIR}/ringparkConfig.cmake
 file(RELATIVE_PATH RINGPARK_PC_TO_PREFIX "/${CMAKE_INSTALL_LIBDIR}/pkgconfig" "/")
 string(REGEX REPLACE "/$" "" RINGPARK_PC_TO_PREFIX "${RINGPARK_PC_TO_PREFIX}")
 configure_file(cmake/ringpark.pc.in ${CMAKE_CURRENT_BINARY_DIR}/ringpark.pc @ONLY)
-install(FILES ${CMAKE_CURRENT_BINARY_DIR}/ringpark.pc
+configure_file(cmake/ringpark-preload.pc.in ${CMAKE_CURRENT_BINARY_DIR}/ringpark-preload.pc @ONLY)
+install(FILES ${CMAKE_CURRENT_BINARY_DIR}/ringpark.pc ${CMAKE_CURRENT_BINARY_DIR}/ringpark-preload.pc
   DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)
