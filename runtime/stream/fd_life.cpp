@@ -51,6 +51,7 @@ void FdLife::on_op(Op* op, int res, std::uint32_t) noexcept {
 
 void FdLife::forget_in_flight(IoBackend* io) noexcept {
   io_ = io;
+  if (shared_) *shared_ -= in_flight_;
   in_flight_ = 0;
   op_.state = Op::State::idle;
   op_.next_ = op_.prev_ = nullptr;

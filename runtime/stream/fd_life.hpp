@@ -19,6 +19,7 @@
 // must stay in place, like the owner's ops, until `closed` has run.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "ringpark/op.hpp"
@@ -60,11 +61,22 @@ class FdLife {
   // Submits one of the owner's ops and counts it until ended().
   void submit(Op* op) noexcept {
     ++in_flight_;
+    if (shared_) ++*shared_;
     io_->submit(op);
   }
   // From the final completion of one of the owner's ops, before the owner
   // looks at anything else.
-  void ended() noexcept { --in_flight_; }
+  void ended() noexcept {
+    --in_flight_;
+    if (shared_) --*shared_;
+  }
+  // Counts the ops in flight in *shared too (a count over many lives), from
+  // now on and including those already in flight; null stops that.
+  void share_count(std::size_t* shared) noexcept {
+    if (shared_) *shared_ -= in_flight_;
+    shared_ = shared;
+    if (shared_) *shared_ += in_flight_;
+  }
   // Last in every completion of the owner's: once a closing life has nothing
   // in flight, go on to step 3. Nothing may touch the owner after this returns.
   void settle() noexcept {
@@ -89,6 +101,7 @@ class FdLife {
   bool closing_ = false;
   bool drained_ = false;
   std::uint32_t in_flight_ = 0;
+  std::size_t* shared_ = nullptr;  // see share_count()
   // The barrier nop of a close with nothing in flight, then the close op. The
   // kernel reads nothing of it but its fields at submission.
   Op op_;

@@ -197,8 +197,10 @@ void LoopContext::signal_wake() noexcept {
 }
 
 void LoopContext::update_ref() noexcept {
-  // Ringpark's operations keep the loop alive, as libuv's own requests do.
-  bool want_ref = busy();
+  // Ringpark's operations keep the loop alive, as libuv's own requests do;
+  // those of adopted streams do so through the streams' libuv handles.
+  const bool want_ref = chain_->io().in_flight() > libuv_accounted_ ||
+                        chain_->timers().size() > 0 || chain_->executor().has_work();
   if (want_ref != referenced_) {
     referenced_ = want_ref;
     if (want_ref) {
@@ -227,13 +229,15 @@ void LoopContext::sleep_in_ring() noexcept {
     // cached time, which predates this sleep: without this a due timer would
     // look a whole sleep away, and fire up to twice late.
     uv_update_time(loop_);
-    if (reactor_->ready() || !(busy() || always_ring_)) break;
     if (mode_ == UV_RUN_ONCE && uring->stats().cqes_reaped != reaped) {
       // Ringpark callbacks ran: that is the progress ONCE waits for. Return to
       // libuv, whose poll must then not block: the eventfd makes it readable.
+      // (Even when libuv's own fd is readable too: its event may be stale,
+      // and then libuv would poll again, with no limit.)
       signal_wake();
       break;
     }
+    if (reactor_->ready() || !(busy() || always_ring_)) break;
     // Completions ran and more are awaited: sleep again.
   }
 }

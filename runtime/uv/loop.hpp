@@ -83,15 +83,22 @@ class LoopContext {
   uv_loop_t* loop() const noexcept { return loop_; }
   std::uint64_t turns() const noexcept { return turns_; }
 
-  // True while ringpark has work that must keep the loop alive: operations in
-  // flight, deadlines armed, tasks queued.
+  // True while ringpark has work in flight: operations, deadlines armed,
+  // tasks queued. The loop then sleeps in the ring.
   bool busy() noexcept;
+  // Operations in flight that libuv's own counts already account for (an
+  // adopted stream's reads and writes: its handle's ACTIVE flag, its
+  // requests), which therefore must not keep the loop alive a second time: a
+  // program that unrefs a reading stream expects uv_run to return. The
+  // adopted streams' FdLifes count into it (FdLife::share_count).
+  std::size_t* libuv_accounted() noexcept { return &libuv_accounted_; }
   // Everything that must happen before libuv may sleep on its own: submit what
   // is queued, carry the next deadline, keep the loop alive while busy, and,
   // when libuv's next poll could block, make sure completions and tasks already
   // waiting for us wake it.
   void before_libuv_sleeps(bool libuv_may_block = true) noexcept;
-  // References the hidden wake handle while busy(), so that uv_run keeps going
+  // References the hidden wake handle while ringpark's own work (busy(),
+  // less what libuv accounts for) is in flight, so that uv_run keeps going
   // (and returns non-zero) while ringpark operations are in flight. Call after
   // starting an operation from outside the loop's own callbacks.
   void update_ref() noexcept;
@@ -124,6 +131,7 @@ class LoopContext {
   bool always_ring_ = false;  // RINGPARK_SLEEP=ring
   std::uint64_t turns_ = 0;
   std::size_t open_handles_ = 0;
+  std::size_t libuv_accounted_ = 0;
   template <typename T>
   static constexpr char kExtensionKey = 0;  // its address names part T
   std::vector<std::pair<const void*, std::unique_ptr<Extension>>> extensions_;

@@ -199,7 +199,6 @@ void host_closed(st::Stream* s) noexcept {
   Adopted* a = of(s);
   uv_close_cb cb = a->close_cb;
   uv_tcp_t* h = detach(a);
-  uv_private::set_stream_fd(as_stream(h), -1);  // closed already: libuv must not close it
   h->write_queue_size = 0;
   h->flags &= ~uf::kClosing;  // uv_close asserts the handle is not closing yet
   g_uv.close(as_handle(h), cb);
@@ -285,6 +284,9 @@ Adopted* try_adopt(uv_stream_t* stream) noexcept {
   a->set = set;
   st::init(&a->s, &ctx->chain().io(), &kHost, a);
   st::set_socket(&a->s, uv_private::stream_fd(stream));
+  // libuv's own counts keep the loop alive for this stream's ops (see
+  // LoopContext::libuv_accounted), until it closes.
+  a->s.life.share_count(ctx->libuv_accounted());
   if (stream->flags & uf::kReadable) a->s.flags |= st::kReadable;
   if (stream->flags & uf::kWritable) a->s.flags |= st::kWritable;
   if (stream->flags & uf::kShut) a->s.flags |= st::kShut;
@@ -475,6 +477,13 @@ void close(uv_handle_t* handle, uv_close_cb cb) noexcept {
   h->read_cb = nullptr;
   h->alloc_cb = nullptr;
   uv_private::handle_stop(handle);
+  // libuv has no fd for a closing stream any more (calls on it answer
+  // UV_EBADF); the engine keeps the socket open until nothing of it is in
+  // flight. A closing handle is no longer among libuv's active ones, and it
+  // is not on libuv's closing list yet: its ops keep the loop alive as
+  // ringpark's own.
+  uv_private::set_stream_fd(as_stream(h), -1);
+  a->s.life.share_count(nullptr);
   LoopContext* ctx = ctx_of(a);
   st::close(&a->s);
   ctx->update_ref();
