@@ -49,6 +49,7 @@ int EpollReactor::unwatch(Watcher* w) noexcept {
   if (!w->registered_) return 0;
   w->registered_ = false;
   if (dispatching_) removed_.push_back(w);
+  if (epfd_ < 0) return 0;  // abandoned
   // The fd may already be closed, which removed it from the set: not an error.
   if (::epoll_ctl(epfd_, EPOLL_CTL_DEL, w->fd, nullptr) < 0 && errno != EBADF &&
       errno != ENOENT) {
@@ -81,6 +82,14 @@ void EpollReactor::wait(int timeout_ms) noexcept {
 void EpollReactor::park(Timeout timeout) noexcept { wait(to_poll_ms(timeout)); }
 
 void EpollReactor::turn() noexcept { wait(0); }
+
+void EpollReactor::abandon() noexcept {
+  // In a forked child the set is shared with the parent: an EPOLL_CTL_DEL here
+  // would remove the parent's registration. Closing our fd removes nothing
+  // while the parent holds the set.
+  if (epfd_ >= 0) ::close(epfd_);
+  epfd_ = -1;
+}
 
 void EpollReactor::shutdown() noexcept {
   // Nothing is in flight in an epoll set: readiness costs the kernel no memory

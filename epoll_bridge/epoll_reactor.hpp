@@ -44,6 +44,10 @@ class EpollReactor final : public Reactor {
   void turn() noexcept override;
   Unparker unparker() const override { return Unparker(wake_); }
   void shutdown() noexcept override;
+  // Closes this process's reference to the epoll set (the parent's
+  // registrations stay, untouched); watch() then fails with -EBADF and
+  // unwatch() does nothing.
+  void abandon() noexcept override;
   int fd() const noexcept override { return epfd_; }
   Timeout timeout() const noexcept override { return std::nullopt; }
 

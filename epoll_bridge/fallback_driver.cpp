@@ -134,7 +134,10 @@ int run_blocking(const Op& op) noexcept {
 }  // namespace
 
 FallbackDriver::FallbackDriver(EpollReactor& epoll, Reactor* inner)
-    : epoll_(epoll), inner_(inner), unparker_(epoll.unparker()) {
+    : epoll_(epoll),
+      inner_(inner),
+      unparker_(epoll.unparker()),
+      pool_(std::make_unique<ThreadPool>()) {
   ready_.reserve(64);
   fired_.reserve(64);
   inner_watcher_.events = EPOLLIN;  // level-triggered: see DESIGN.md "Level, not edge"
@@ -286,7 +289,9 @@ int FallbackDriver::close_fd(int fd) noexcept {
 // ---- Cancellation -----------------------------------------------------------
 
 void FallbackDriver::cancel(Op* op) noexcept {
-  if (closed_ || op->state != Op::State::in_flight) return;
+  // In a forked child abandon() forgets the op; taking a job back from the pool
+  // would lock a mutex a thread of the parent may have held at the fork.
+  if (closed_ || op->state != Op::State::in_flight || forked()) return;
   auto it = ops_.find(op);
   if (it == ops_.end()) return;
   op->state = Op::State::cancelling;
@@ -320,7 +325,7 @@ int FallbackDriver::cancel_record(Record& t, bool by_cancel_op) noexcept {
       finish(t, -ECANCELED);
       return 0;
     case Where::pool:
-      if (pool_.try_cancel(&t.job)) {
+      if (pool_->try_cancel(&t.job)) {
         finish(t, -ECANCELED);
         return 0;
       }
@@ -791,7 +796,7 @@ void FallbackDriver::to_pool(Record& r) noexcept {
   ++stats_.pool_jobs;
   // With no thread to be had, run it here: the loop blocks, but the op gets the
   // result io_uring would give instead of an error io_uring never gives.
-  if (pool_.post(&r.job) < 0) run_job(&r.job);
+  if (pool_->post(&r.job) < 0) run_job(&r.job);
 }
 
 void FallbackDriver::run_job(ThreadPool::Job* job) noexcept {
@@ -882,6 +887,7 @@ void FallbackDriver::dispatch() noexcept {
   for (const Completion& c : batch) {
     if (c.flags & kMore) {
       c.op->complete(c.op, c.res, kMore);
+      if (forked()) return;
       continue;
     }
     if (ops_.erase(c.op) != 1) {
@@ -891,6 +897,9 @@ void FallbackDriver::dispatch() noexcept {
     }
     c.op->state = Op::State::idle;
     c.op->complete(c.op, c.res, 0);
+    // A completion that forked: in the child the rest of the batch is the
+    // parent's (abandon() forgets those ops).
+    if (forked()) return;
   }
   batch.clear();
   if (ready_.empty()) ready_.swap(batch);  // keep the capacity
@@ -909,7 +918,7 @@ bool FallbackDriver::has_work() const noexcept {
 // ---- Park -------------------------------------------------------------------
 
 void FallbackDriver::park(Timeout timeout) noexcept {
-  if (closed_) return;
+  if (closed_ || forked()) return;
   ++stats_.turns;
   start_fresh();
   sync_inner();
@@ -924,11 +933,12 @@ void FallbackDriver::park(Timeout timeout) noexcept {
   epoll_.park(min_timeout(wait, inner_timeout));
   reap();
   dispatch();
+  if (forked()) return;  // a completion forked; this is the child
   turn_inner(inner_timeout && std::chrono::steady_clock::now() - start >= *inner_timeout);
 }
 
 void FallbackDriver::turn() noexcept {
-  if (closed_) return;
+  if (closed_ || forked()) return;
   ++stats_.turns;
   start_fresh();
   sync_inner();
@@ -937,12 +947,15 @@ void FallbackDriver::turn() noexcept {
   epoll_.turn();
   reap();
   dispatch();
+  if (forked()) return;  // a completion forked; this is the child
   const Timeout inner_timeout = inner_ ? inner_->timeout() : std::nullopt;
   turn_inner(inner_timeout && *inner_timeout <= Duration::zero());
 }
 
 void FallbackDriver::shutdown() noexcept {
   if (closed_) return;
+  // The pool's threads and the epoll set's registrations are the parent's.
+  if (forked()) return abandon();
   shutting_down_ = true;
   for (;;) {
     // Completions run here, -ECANCELED for what was cancelled; what they submit
@@ -953,7 +966,7 @@ void FallbackDriver::shutdown() noexcept {
       cancel_record(r, /*by_cancel_op=*/false);
     }
     // Jobs running on the pool hold their ops' buffers: wait for them.
-    pool_.wait_idle();
+    pool_->wait_idle();
     collect_done();
     dispatch();
     // Done when every op left has its final completion queued: in ready_, or in
@@ -967,10 +980,42 @@ void FallbackDriver::shutdown() noexcept {
   fresh_.clear();
   sync_fds();  // nobody waits any more: every registration goes
   if (inner_watcher_.registered_) epoll_.unwatch(&inner_watcher_);
-  pool_.stop();
+  pool_->stop();
   closed_ = true;
   epoll_.shutdown();
   if (inner_ != nullptr && inner_ != static_cast<Reactor*>(&epoll_)) inner_->shutdown();
+}
+
+void FallbackDriver::abandon() noexcept {
+  if (closed_) return;
+  if (!forked()) {
+    std::fprintf(stderr,
+                 "ringpark: abandon() of a fallback driver this process made; only a forked "
+                 "child may let go of one without waiting for its ops\n");
+    std::abort();
+  }
+  // Forget every op: the parent finishes its own copy; ours never completes.
+  for (auto& [op, r] : ops_) op->state = Op::State::idle;
+  ops_.clear();
+  fresh_.clear();
+  ready_.clear();
+  // The registrations these describe are in the parent's epoll set: dropped
+  // here without an EPOLL_CTL_DEL.
+  fds_.clear();
+  dirty_.clear();
+  fired_.clear();
+  heap_.clear();
+  done_batch_.clear();
+  inner_watcher_.registered_ = false;
+  // done_ is left alone: a pool thread of the parent may have held done_mutex_
+  // at the fork. The pool is leaked: its std::thread objects name threads that
+  // do not exist here (joining them could wait on an unrelated new thread that
+  // reuses a stack) and its condition variables count the parent's waiters.
+  (void)pool_.release();
+  shutting_down_ = true;
+  closed_ = true;
+  epoll_.abandon();
+  if (inner_ != nullptr && inner_ != static_cast<Reactor*>(&epoll_)) inner_->abandon();
 }
 
 }  // namespace ringpark::detail

@@ -26,12 +26,14 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
 #include "epoll_bridge/epoll_reactor.hpp"
 #include "epoll_bridge/thread_pool.hpp"
+#include "park/fork.hpp"
 #include "park/park.hpp"
 #include "ringpark/op.hpp"
 
@@ -68,11 +70,22 @@ class FallbackDriver final : public Park, public IoBackend {
   // Cancels every op in flight (each completes once, with -ECANCELED, or with its
   // real result if a pool thread is already running it), waits for running pool
   // jobs, since they hold the ops' buffers, then shuts the layers below down.
-  // Blocks; loop thread only. Later submissions complete with -ECANCELED.
+  // Blocks; loop thread only. Later submissions complete with -ECANCELED. In a
+  // forked child it abandons instead.
   void shutdown() noexcept override;
+  // In a forked child: forgets every op (left idle, never completed here), with
+  // no epoll_ctl on the epoll set (the parent's registrations are in it) and no
+  // wait for the pool: its threads do not exist here, so the pool is leaked,
+  // not destroyed (glibc's pthread_cond_destroy would wait for the parent's
+  // waiters). Then abandons the layers below. Aborts in the process that made
+  // the driver.
+  void abandon() noexcept override;
 
   // Queues `op`; it starts at the next park or turn and completes there or
   // later, never inside this call. Aborts if `op` is already in flight.
+  // In a forked child that has not abandoned the driver yet, an op submitted
+  // here is never started (park() and turn() return at once there), and
+  // abandon() forgets it.
   void submit(Op* op) noexcept override;
   // Requests the end of `op`: it completes with -ECANCELED at the next turn
   // unless a pool thread already runs it (it then completes with its result).
@@ -96,8 +109,10 @@ class FallbackDriver final : public Park, public IoBackend {
   Timeout next_timeout() const noexcept;
 
   const FallbackStats& stats() const noexcept { return stats_; }
-  // The pool that runs file ops, for tests and diagnostics.
-  const ThreadPool& pool() const noexcept { return pool_; }
+  // The pool that runs file ops, for tests and diagnostics. Not after abandon().
+  const ThreadPool& pool() const noexcept { return *pool_; }
+  // True in a forked child of the process that made the driver (park/fork.hpp).
+  bool forked() const noexcept { return fork_generation_ != fork_generation(); }
 
  private:
   using TimePoint = std::chrono::steady_clock::time_point;
@@ -220,7 +235,8 @@ class FallbackDriver final : public Park, public IoBackend {
   std::vector<Record*> heap_;  // timeouts, earliest deadline first
   std::uint64_t next_seq_ = 0;
 
-  ThreadPool pool_;
+  // By pointer so that a forked child can leak it (see abandon()).
+  std::unique_ptr<ThreadPool> pool_;
   std::mutex done_mutex_;
   std::vector<Record*> done_;              // finished pool jobs; guarded by done_mutex_
   std::vector<Record*> done_batch_;        // loop thread: done_ swapped out to be finished
@@ -232,6 +248,7 @@ class FallbackDriver final : public Park, public IoBackend {
 
   bool shutting_down_ = false;
   bool closed_ = false;
+  const unsigned fork_generation_ = fork_generation();  // when the driver was made
   FallbackStats stats_;
 };
 

@@ -35,6 +35,9 @@ class UvReactor final : public Reactor {
   void turn() noexcept override;
   Unparker unparker() const override { return Unparker(wake_); }
   void shutdown() noexcept override {}
+  // libuv's loop is the program's: in a forked child the program calls
+  // uv_loop_fork for it, as libuv requires. Our wake fd closes with the reactor.
+  void abandon() noexcept override { ready_ = false; }
   int fd() const noexcept override { return uv_backend_fd(loop_); }
   Timeout timeout() const noexcept override;
 

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <vector>
 
+#include "park/fork.hpp"
 #include "park/park.hpp"
 
 namespace ringpark::detail {
@@ -33,6 +34,8 @@ class Executor final : public Park {
   Unparker unparker() const override { return unparker_; }
   // Drops queued tasks without running them, then shuts the layer below down.
   void shutdown() noexcept override;
+  // The same in a forked child, then abandons the layer below.
+  void abandon() noexcept override;
 
   // Runs every task queued now (not those they queue). Returns how many ran.
   std::size_t run_ready() noexcept;

@@ -80,6 +80,18 @@ class Park {
   // Cancels and reaps everything in flight. Nothing the kernel may still touch is
   // released before this returns. The layer may not be parked again afterwards.
   virtual void shutdown() noexcept = 0;
+
+  // In a forked child only (see park/fork.hpp): lets go of what this layer
+  // inherited from the parent without touching any kernel object it shares with
+  // the parent: no io_uring_enter, register or cancel on a ring, no epoll_ctl on
+  // an epoll set, no wait for threads (they do not exist here). Fds are closed
+  // and mappings unmapped, which affects only this process. Every op and
+  // deadline the layer held is forgotten: it is left idle and never completes or
+  // fires here (the kernel writes the parent's copy of its memory, not ours).
+  // Runs no user code; never blocks; then abandons the layer below. Afterwards
+  // the layer may be destroyed (its destructor touches nothing shared) but never
+  // parked again.
+  virtual void abandon() noexcept = 0;
 };
 
 // The innermost layer: a Park whose pending work is signalled by a pollable fd,

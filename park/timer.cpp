@@ -101,12 +101,16 @@ std::size_t TimerLayer::fire_due() noexcept {
   firing_now_ = clock_.now();
   const std::uint64_t armed_before = next_seq_;
   std::size_t fired = 0;
+  const unsigned generation = fork_generation();
   while (!heap_.empty()) {
     TimerEntry* top = heap_.front();
     if (top->key_ > firing_now_ || top->seq_ >= armed_before) break;
     remove_at(0);
     ++fired;
     top->fire(top);
+    // In a child that this callback forked, the rest of the pass is the
+    // parent's: the child abandons this chain, and its deadlines with it.
+    if (fork_generation() != generation) break;
   }
   firing_ = nested;
   return fired;
@@ -115,6 +119,13 @@ std::size_t TimerLayer::fire_due() noexcept {
 void TimerLayer::shutdown() noexcept {
   while (!heap_.empty()) remove_at(heap_.size() - 1);
   inner_.shutdown();
+}
+
+void TimerLayer::abandon() noexcept {
+  // Disarmed, so that an owner that cancels or re-arms one later (on this layer
+  // or a new one) finds it idle.
+  while (!heap_.empty()) remove_at(heap_.size() - 1);
+  inner_.abandon();
 }
 
 }  // namespace ringpark::detail

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "park/fork.hpp"
 #include "park/park.hpp"
 
 namespace ringpark::detail {
@@ -66,8 +67,12 @@ class TimerLayer final : public Park {
   Unparker unparker() const override { return inner_.unparker(); }
   // Disarms every entry without firing it, then shuts the layer below down.
   void shutdown() noexcept override;
+  // The same in a forked child (every entry is left disarmed, never fired),
+  // then abandons the layer below.
+  void abandon() noexcept override;
 
-  // Fires every entry whose deadline has passed, earliest first. Returns how many.
+  // Fires every entry whose deadline has passed, earliest first. Returns how
+  // many. Stops early in a child that a fire callback forked.
   std::size_t fire_due() noexcept;
 
  private:

@@ -48,6 +48,7 @@ Chain::Chain(const ChainOptions& options, std::unique_ptr<Reactor> inner)
     io_ = fallback_.get();
     driver = fallback_.get();
     backend_name_ = "epoll (" + why + ")";
+    fallback_reason_ = why;
   }
   timer_ = std::make_unique<TimerLayer>(*driver, clock);
   executor_ = std::make_unique<Executor>(*timer_);
@@ -57,10 +58,21 @@ Chain::~Chain() { shutdown(); }
 
 void Chain::shutdown() noexcept {
   if (shut_down_) return;
+  if (forked()) return abandon();
   shut_down_ = true;
   // Down the chain: the executor drops queued tasks, the timer disarms, the
   // driver cancels and reaps, then the reactor below it.
   executor_->shutdown();
+}
+
+void Chain::abandon() noexcept {
+  if (shut_down_) return;
+  shut_down_ = true;
+  // Down the chain as in shutdown(); each driver aborts if this is not a
+  // forked child. Our own epoll set is below the driver only without a libuv
+  // loop; abandon it in any case.
+  executor_->abandon();
+  epoll_->abandon();
 }
 
 ChainStats Chain::stats() const noexcept {

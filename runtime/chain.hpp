@@ -14,6 +14,7 @@
 #include "epoll_bridge/epoll_reactor.hpp"
 #include "epoll_bridge/fallback_driver.hpp"
 #include "park/executor.hpp"
+#include "park/fork.hpp"
 #include "park/timer.hpp"
 #include "ringpark/op.hpp"
 #include "uring_driver/driver.hpp"
@@ -63,9 +64,20 @@ class Chain {
 
   // "io_uring", or "epoll (<why io_uring is not used>)".
   const std::string& backend_name() const noexcept { return backend_name_; }
+  // Why io_uring is not used ("RINGPARK_BACKEND=epoll", "io_uring_setup:
+  // EPERM"...), or empty on io_uring.
+  const std::string& fallback_reason() const noexcept { return fallback_reason_; }
   ChainStats stats() const noexcept;
-  // Shuts every layer down (cancel, then reap until nothing is in flight).
+  // Shuts every layer down (cancel, then reap until nothing is in flight). In a
+  // forked child it abandons instead.
   void shutdown() noexcept;
+  // In a forked child: every layer lets go of what it shares with the parent
+  // without touching it (Park::abandon): the ring is unmapped and closed, the
+  // epoll set closed, every op and deadline forgotten, nothing runs. The chain
+  // may then be destroyed. Aborts in the process that built the chain.
+  void abandon() noexcept;
+  // True in a forked child of the process that built the chain.
+  bool forked() const noexcept { return fork_generation_ != fork_generation(); }
 
  private:
   std::unique_ptr<Reactor> inner_;
@@ -76,6 +88,8 @@ class Chain {
   std::unique_ptr<Executor> executor_;
   IoBackend* io_ = nullptr;
   std::string backend_name_;
+  std::string fallback_reason_;
+  const unsigned fork_generation_ = fork_generation();
   bool shut_down_ = false;
 };
 

@@ -102,6 +102,7 @@ class FakePark final : public detail::Park {
   void turn() noexcept override { ++turns; }
   detail::Unparker unparker() const override { return detail::Unparker(wake_); }
   void shutdown() noexcept override { ++shutdowns; }
+  void abandon() noexcept override { ++abandons; }
 
   // True, and the wake reset, if unpark() was called since the last check.
   bool take_unpark() const noexcept {
@@ -113,6 +114,7 @@ class FakePark final : public detail::Park {
   std::vector<Timeout> parked;
   int turns = 0;
   int shutdowns = 0;
+  int abandons = 0;
 
  private:
   std::shared_ptr<const detail::WakeFd> wake_;

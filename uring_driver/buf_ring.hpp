@@ -41,6 +41,10 @@ class BufRing {
   // or a negative errno. Call before destroying it, while `ring` is still set
   // up.
   int unregister(io_uring* ring) noexcept;
+  // In a forked child: forgets the registration, which belongs to the parent's
+  // ring, without a syscall. The memory (this process's copy since the fork)
+  // stays mapped until the destructor.
+  void abandon() noexcept { registered_ = false; }
 
   // Records that a CQE named buffer `id`: the owner has it from now on. Aborts
   // on an id the kernel does not hold (a broken invariant).

@@ -2,6 +2,7 @@
 
 #include <poll.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -281,6 +282,10 @@ void UringDriver::submit(Op* op) noexcept {
     return;
   }
   if (shutting_down_) return complete_later(op, -ECANCELED);
+  // A forked child, before its owner abandoned the ring: the op stays with
+  // those the fork left in flight (see submit() in driver.hpp). Not one byte
+  // goes into the parent's SQ.
+  if (forked()) return track(op);
   if (!supports(op->code)) return complete_later(op, -EOPNOTSUPP);
   prepare(get_sqe(), op);
   track(op);
@@ -293,12 +298,23 @@ bool UringDriver::supports(OpCode code) noexcept {
 
 bool UringDriver::ensure_buf_ring() noexcept {
   if (recv_multishot_ != Multishot::untried) return recv_multishot_ != Multishot::off;
-  if (closed_ || shutting_down_) return false;
+  // Registering in a forked child would register with the parent's ring.
+  if (closed_ || shutting_down_ || forked()) return false;
   // Decided by trying, once: a kernel without provided buffer rings (before
-  // 5.19) refuses the registration with -EINVAL; a memlock limit gives -ENOMEM.
+  // 5.19) refuses the registration with -EINVAL; the locked-memory limit gives
+  // -ENOMEM. The kernel pins the ring itself (16 bytes a buffer), not the
+  // buffers, so on -ENOMEM a smaller ring is tried, down to one page of it
+  // (256 buffers with 4 KiB pages): a smaller one pins the same page. If even
+  // that fails, multishot recv is off and streams use plain recv; the loop
+  // itself is not affected.
   int r = -EOPNOTSUPP;
   if (buf_ring_entries_ > 0 && probe_.has(IORING_OP_RECV)) {
-    r = BufRing::create(&ring_, buf_ring_entries_, buf_ring_buf_size_, kBufGroup, &buf_ring_);
+    const auto page = static_cast<unsigned>(::sysconf(_SC_PAGESIZE));
+    const unsigned smallest = page / sizeof(io_uring_buf);
+    for (unsigned n = buf_ring_entries_;; n /= 2) {
+      r = BufRing::create(&ring_, n, buf_ring_buf_size_, kBufGroup, &buf_ring_);
+      if (r != -ENOMEM || n <= smallest) break;
+    }
   }
   if (r < 0) {
     recv_multishot_ = Multishot::off;
@@ -321,7 +337,8 @@ void UringDriver::return_buffers() noexcept {
 }
 
 void UringDriver::cancel(Op* op) noexcept {
-  if (op->state != Op::State::in_flight || closed_) return;
+  // In a forked child the op is the parent's to cancel; here abandon() forgets it.
+  if (op->state != Op::State::in_flight || closed_ || forked()) return;
   op->state = Op::State::cancelling;
   if (auto it = std::find(starved_.begin(), starved_.end(), op); it != starved_.end()) {
     // Not in the kernel: it ends here, from the next reap.
@@ -415,8 +432,12 @@ std::size_t UringDriver::reap() noexcept {
   if (!deferred_.empty()) {
     std::vector<Cqe> pending;
     pending.swap(deferred_);
-    for (const Cqe& c : pending) dispatch(c);
-    total += pending.size();
+    for (const Cqe& c : pending) {
+      dispatch(c);
+      // A completion that forked: in the child, the rest is the parent's.
+      if (forked()) return total;
+      ++total;
+    }
   }
   for (;;) {
     // Copy a batch out and release the ring slots before running completions,
@@ -440,7 +461,13 @@ std::size_t UringDriver::reap() noexcept {
     io_uring_cq_advance(&ring_, n);
     stats_.cqes_reaped += n;
     total += n;
-    for (unsigned i = 0; i < n; ++i) dispatch(local[i]);
+    for (unsigned i = 0; i < n; ++i) {
+      dispatch(local[i]);
+      // A completion that forked (a pre-fork server forking from a callback):
+      // in the child the rest of the batch, and every CQE still in the ring,
+      // are the parent's. Not one more access to the ring from here.
+      if (forked()) return total;
+    }
   }
   // One store to the buffer ring's tail for every buffer recycled in this pass.
   return_buffers();
@@ -527,7 +554,7 @@ void UringDriver::on_reactor_ready(Op* op, int res, std::uint32_t) noexcept {
 }
 
 void UringDriver::park(Timeout timeout) noexcept {
-  if (closed_) return;
+  if (closed_ || forked()) return;
   ++stats_.turns;
   arm_internal(/*watch_inner=*/true);
   const Timeout inner_timeout = inner_ ? inner_->timeout() : std::nullopt;
@@ -535,6 +562,7 @@ void UringDriver::park(Timeout timeout) noexcept {
                                    : std::chrono::steady_clock::time_point{};
   enter(min_timeout(timeout, inner_timeout));
   reap();
+  if (forked()) return;  // a completion forked; this is the child
   const bool inner_due =
       inner_timeout && std::chrono::steady_clock::now() - start >= *inner_timeout;
   if (inner_ && (reactor_ready_ || inner_due)) {
@@ -544,11 +572,12 @@ void UringDriver::park(Timeout timeout) noexcept {
 }
 
 void UringDriver::turn() noexcept {
-  if (closed_) return;
+  if (closed_ || forked()) return;
   ++stats_.turns;
   arm_internal(/*watch_inner=*/false);
   enter(Duration::zero());
   reap();
+  if (forked()) return;  // a completion forked; this is the child
   if (inner_ && reactor_ready_) {
     reactor_ready_ = false;
     inner_->turn();
@@ -556,7 +585,7 @@ void UringDriver::turn() noexcept {
 }
 
 void UringDriver::flush() noexcept {
-  if (closed_) return;
+  if (closed_ || forked()) return;
   return_buffers();
   const unsigned queued = io_uring_sq_ready(&ring_);
   if (queued == 0) return;
@@ -573,20 +602,30 @@ bool UringDriver::taskrun_pending() const noexcept {
 }
 
 bool UringDriver::has_cqes() const noexcept {
+  if (closed_ || forked()) return false;
   return !deferred_.empty() || io_uring_cq_ready(&ring_) > 0 || io_uring_cq_has_overflow(&ring_) ||
          taskrun_pending();
 }
 
 int UringDriver::register_eventfd(int fd) noexcept {
+  if (closed_) return -EBADF;
+  if (forked()) return -ECHILD;  // it would register with the parent's ring
   return io_uring_register_eventfd(&ring_, fd);
 }
 
 void UringDriver::set_eventfd_enabled(bool enabled) noexcept {
+  // The flag lives in the CQ ring, which a forked child shares with the parent:
+  // writing it there would turn the parent's notifications off.
+  if (closed_ || forked()) return;
   io_uring_cq_eventfd_toggle(&ring_, enabled);
 }
 
 void UringDriver::shutdown() noexcept {
   if (closed_) return;
+  // A forked child cannot reap the parent's ring (with SINGLE_ISSUER it may
+  // not even enter it: every enter fails, and this loop would spin forever),
+  // and cancelling through it would cancel the parent's ops.
+  if (forked()) return abandon();
   shutting_down_ = true;
   while (in_flight_head_ != nullptr || !deferred_.empty()) {
     // Completions run here, with -ECANCELED for what was cancelled; ops they
@@ -595,12 +634,47 @@ void UringDriver::shutdown() noexcept {
     for (Op* op = in_flight_head_; op != nullptr; op = op->next_) cancel(op);
     enter(deferred_.empty() ? Timeout{} : Timeout(Duration::zero()));
     reap();
+    if (forked()) return abandon();  // a completion forked; this is the child
   }
   if (inner_) inner_->shutdown();
   // Nothing is in flight, so no request can pick a buffer any more; owners may
   // still read buffers they hold until the driver is destroyed.
   if (buf_ring_) buf_ring_->unregister(&ring_);
   io_uring_queue_exit(&ring_);
+  closed_ = true;
+}
+
+void UringDriver::abandon() noexcept {
+  if (closed_) return;
+  if (!forked()) {
+    std::fprintf(stderr,
+                 "ringpark: abandon() of a ring this process set up; only a forked child may "
+                 "let go of a ring without reaping it\n");
+    std::abort();
+  }
+  // Forget every op: the parent's copy of it completes in the parent; ours
+  // never will. Left idle, so that its owner may submit it again elsewhere.
+  for (Op* op = in_flight_head_; op != nullptr;) {
+    Op* next = op->next_;
+    op->next_ = op->prev_ = nullptr;
+    op->state = Op::State::idle;
+    op = next;
+  }
+  in_flight_head_ = nullptr;
+  user_in_flight_ = 0;
+  deferred_.clear();
+  starved_.clear();
+  reactor_ready_ = false;
+  // The registration is the parent ring's (IORING_UNREGISTER_PBUF_RING here
+  // would take it from the parent); the memory is this process's own copy.
+  if (buf_ring_) buf_ring_->abandon();
+  if (inner_) inner_->abandon();
+  // In liburing 2.3 this unmaps the SQEs and the SQ and CQ rings and closes the
+  // ring fd, nothing more: its only other step, unregistering a registered ring
+  // fd, needs io_uring_register_ring_fd, which ringpark never calls. Unmapping
+  // and closing affect this process only; the parent keeps its ring.
+  io_uring_queue_exit(&ring_);
+  shutting_down_ = true;
   closed_ = true;
 }
 

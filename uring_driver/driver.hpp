@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "park/fork.hpp"
 #include "park/park.hpp"
 #include "ringpark/op.hpp"
 #include "uring_driver/buf_ring.hpp"
@@ -64,9 +65,20 @@ class UringDriver final : public Park, public IoBackend {
   void turn() noexcept override;
   Unparker unparker() const override { return Unparker(wake_); }
   // Cancels every op in flight and reaps until the kernel has let go of all of
-  // them (their completions run, with -ECANCELED for the cancelled ones).
+  // them (their completions run, with -ECANCELED for the cancelled ones). In a
+  // forked child it abandons instead (the ring is the parent's).
   void shutdown() noexcept override;
+  // In a forked child: unmaps the ring and closes its fd, nothing else (no
+  // enter, no register or unregister, no cancel, no reap). Every op in flight
+  // is forgotten: left idle, never completed here (the kernel completes the
+  // parent's copy). The buffer ring's registration is left to the parent; its
+  // memory stays mapped until the driver is destroyed. Aborts in the process
+  // that made the ring, where the kernel could still write into those ops.
+  void abandon() noexcept override;
 
+  // In a forked child that has not abandoned the driver yet, submit() and
+  // cancel() touch nothing: a submitted op joins those in flight at the fork,
+  // which abandon() forgets. park(), turn() and flush() return at once there.
   void submit(Op* op) noexcept override;
   void cancel(Op* op) noexcept override;
   std::size_t in_flight() const noexcept override { return user_in_flight_; }
@@ -91,6 +103,9 @@ class UringDriver final : public Park, public IoBackend {
   // registration error, -EINVAL for a kernel that refused the op, -EOPNOTSUPP
   // when turned off), or 0.
   int recv_multishot_error() const noexcept { return recv_multishot_error_; }
+  // How many provided buffers the ring has (0 without a buffer ring); fewer
+  // than asked for when the locked-memory limit refused the full ring.
+  unsigned provided_buffers() const noexcept { return buf_ring_ ? buf_ring_->entries() : 0; }
   // The size of one provided buffer (0 without a buffer ring).
   unsigned provided_buffer_size() const noexcept override {
     return buf_ring_ ? buf_ring_->buf_size() : 0;
@@ -106,7 +121,10 @@ class UringDriver final : public Park, public IoBackend {
   void set_eventfd_enabled(bool enabled) noexcept;
   // CQEs to reap, or completions the kernel holds for this thread's next entry.
   bool has_cqes() const noexcept;
-  bool has_sqes() const noexcept { return io_uring_sq_ready(&ring_) > 0; }
+  bool has_sqes() const noexcept { return !closed_ && !forked() && io_uring_sq_ready(&ring_) > 0; }
+
+  // True in a forked child of the process that made the ring (park/fork.hpp).
+  bool forked() const noexcept { return fork_generation_ != fork_generation(); }
 
   const DriverStats& stats() const noexcept { return stats_; }
   const RingProbe& probe() const noexcept { return probe_; }
@@ -145,6 +163,7 @@ class UringDriver final : public Park, public IoBackend {
   static void on_reactor_ready(Op* op, int res, std::uint32_t flags) noexcept;
 
   mutable io_uring ring_;
+  const unsigned fork_generation_ = fork_generation();  // when the ring was made
   RingProbe probe_;
   Reactor* inner_;
   std::shared_ptr<const WakeFd> wake_;

@@ -1,6 +1,13 @@
 #include "uring_driver/probe.hpp"
 
+#include <linux/capability.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <bit>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <initializer_list>
 
@@ -49,7 +56,79 @@ const char* op_name(io_uring_op op) noexcept {
   }
 }
 
+std::size_t round_to_pages(std::size_t bytes, std::size_t page) noexcept {
+  return (bytes + page - 1) / page * page;
+}
+
+// Whether the kernel skips the locked-memory accounting for this process.
+bool has_cap_ipc_lock() noexcept {
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3]{};
+  if (::syscall(SYS_capget, &header, data) != 0) return false;
+  return (data[CAP_IPC_LOCK / 32].effective & (1u << (CAP_IPC_LOCK % 32))) != 0;
+}
+
+std::string kib(unsigned long long bytes) {
+  return std::to_string((bytes + 1023) / 1024) + " KiB";
+}
+
+// Why io_uring_setup said ENOMEM, when it is the locked-memory limit.
+std::string enomem_reason() {
+  std::string reason = "io_uring_setup: ENOMEM";
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_MEMLOCK, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY ||
+      has_cap_ipc_lock()) {
+    return reason;  // not the limit: the machine is out of memory
+  }
+  reason += " (RLIMIT_MEMLOCK: a ring of " + std::to_string(kMinRingEntries) + " entries needs " +
+            kib(ring_locked_bytes(kMinRingEntries)) + " of locked memory, the limit is " +
+            kib(limit.rlim_cur) + ", shared by all of this user's processes; raise it with ulimit -l)";
+  return reason;
+}
+
+// A value of /proc/sys/kernel/<name>, or `otherwise` when it cannot be read
+// (a kernel before 6.6 has neither io_uring_disabled nor io_uring_group).
+long read_sysctl(const char* name, long otherwise) noexcept {
+  char path[96];
+  std::snprintf(path, sizeof path, "/proc/sys/kernel/%s", name);
+  std::FILE* f = std::fopen(path, "re");
+  if (f == nullptr) return otherwise;
+  long value = otherwise;
+  if (std::fscanf(f, "%ld", &value) != 1) value = otherwise;
+  std::fclose(f);
+  return value;
+}
+
+// Why io_uring_setup said EPERM: kernel.io_uring_disabled, or (when that is 0
+// or absent) something this process cannot see, such as a seccomp filter.
+std::string eperm_reason() {
+  std::string reason = "io_uring_setup: EPERM";
+  const long disabled = read_sysctl("io_uring_disabled", 0);
+  if (disabled == 2) return reason + " (kernel.io_uring_disabled=2: io_uring is off for everyone)";
+  if (disabled == 1) {
+    const long group = read_sysctl("io_uring_group", -1);
+    if (group < 0) {
+      return reason +
+             " (kernel.io_uring_disabled=1, kernel.io_uring_group=-1: only processes with "
+             "CAP_SYS_ADMIN may set up a ring)";
+    }
+    return reason + " (kernel.io_uring_disabled=1: only processes with CAP_SYS_ADMIN or in group " +
+           std::to_string(group) + ", kernel.io_uring_group, may set up a ring)";
+  }
+  return reason;
+}
+
 }  // namespace
+
+std::size_t ring_locked_bytes(unsigned entries) noexcept {
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  const std::size_t sqes = std::size_t{entries} * sizeof(io_uring_sqe);
+  // The kernel's struct io_rings (64 bytes of heads, tails and flags), the CQEs
+  // (2 per SQE), and the SQ index array.
+  const std::size_t rings =
+      64 + 2 * std::size_t{entries} * sizeof(io_uring_cqe) + std::size_t{entries} * sizeof(unsigned);
+  return round_to_pages(sqes, page) + round_to_pages(rings, page);
+}
 
 int setup_ring(io_uring* ring, const RingOptions& options, RingProbe* probe) noexcept {
   // From the most to the least wanted; a kernel that rejects a flag says EINVAL
@@ -66,20 +145,40 @@ int setup_ring(io_uring* ring, const RingOptions& options, RingProbe* probe) noe
   std::initializer_list<unsigned> candidates_plain = {kCoop, IORING_SETUP_SUBMIT_ALL, 0};
   int err = -EINVAL;
   for (unsigned flags : options.defer_taskrun ? candidates_defer : candidates_plain) {
-    io_uring_params params;
-    std::memset(&params, 0, sizeof params);
-    params.flags = flags;
-    err = io_uring_queue_init_params(options.entries, ring, &params);
-    if (err == 0) {
-      probe->setup_flags = flags;
-      probe->features = params.features;
-      break;
+    // The kernel checks the flags before it allocates, so an ENOMEM says these
+    // flags are fine and the size is what to change.
+    unsigned entries = options.entries;
+    for (;;) {
+      io_uring_params params;
+      std::memset(&params, 0, sizeof params);
+      params.flags = flags;
+      err = io_uring_queue_init_params(entries, ring, &params);
+      if (err == 0) {
+        probe->setup_flags = flags;
+        probe->features = params.features;
+        probe->entries = params.sq_entries;
+        break;
+      }
+      if (err != -ENOMEM || entries <= kMinRingEntries) break;
+      // Half of what the kernel would have made (it rounds up to a power of two).
+      entries = std::bit_ceil(entries) / 2;
+      if (entries < kMinRingEntries) entries = kMinRingEntries;
     }
     if (err != -EINVAL) break;
   }
   if (err != 0) {
     probe->error = err;
-    probe->reason = std::string("io_uring_setup: ") + errno_name(err);
+    try {
+      if (err == -ENOMEM) {
+        probe->reason = enomem_reason();
+      } else if (err == -EPERM) {
+        probe->reason = eperm_reason();
+      } else {
+        probe->reason = std::string("io_uring_setup: ") + errno_name(err);
+      }
+    } catch (...) {
+      probe->reason.clear();  // out of memory for the message; the error stands
+    }
     return err;
   }
 

@@ -6,6 +6,7 @@
 #include <liburing.h>
 
 #include <bitset>
+#include <cstddef>
 #include <string>
 
 namespace ringpark::detail {
@@ -29,6 +30,10 @@ struct RingOptions {
 struct RingProbe {
   int error = 0;       // 0, or the negative errno that made the ring unusable
   std::string reason;  // why the ring is unusable, e.g. "io_uring_setup: EPERM"
+  // The SQ size the ring got: RingOptions::entries rounded up to a power of
+  // two, or fewer when the locked-memory limit refused that many (see
+  // setup_ring).
+  unsigned entries = 0;
   unsigned setup_flags = 0;
   unsigned features = 0;
   std::bitset<256> ops;  // by opcode number, also those newer than liburing's header
@@ -38,7 +43,28 @@ struct RingProbe {
 
 // Sets up `ring` with the best flags the kernel accepts. On failure the ring is
 // left uninitialised and probe->error/reason say why. Never throws.
+//
+// The kernel charges the ring's memory (its SQEs, and the SQ and CQ rings, in
+// whole pages) to RLIMIT_MEMLOCK, per user across all of that user's
+// processes, unless the process has CAP_IPC_LOCK. So on ENOMEM the setup is
+// retried with half the entries, down to kMinRingEntries; the reason of a
+// final ENOMEM names RLIMIT_MEMLOCK, what the smallest ring needs, and the
+// limit. On EPERM the reason says whether kernel.io_uring_disabled refused it
+// (a seccomp filter or an LSM reads as plain "io_uring_setup: EPERM").
 int setup_ring(io_uring* ring, const RingOptions& options, RingProbe* probe) noexcept;
+
+// The smallest ring setup_ring retries with after ENOMEM: as many SQEs as fill
+// one 4 KiB page. A ring this size locks two pages (one of SQEs, one holding
+// the SQ and CQ rings: 2,368 bytes at 64 entries), exactly what a ring of one
+// entry locks, so going lower frees no locked memory; and 64 SQEs still let a
+// loop iteration hand 64 operations to the kernel in one io_uring_enter (a
+// full SQ costs one extra enter, never a lost operation).
+inline constexpr unsigned kMinRingEntries = 64;
+
+// About how many bytes of locked memory a ring of `entries` SQEs (and twice as
+// many CQEs) costs: whole pages of SQEs, plus whole pages of the SQ and CQ
+// rings. For messages; the kernel's own accounting decides.
+std::size_t ring_locked_bytes(unsigned entries) noexcept;
 
 // "EPERM" for EPERM: errno names for the messages users read.
 const char* errno_name(int err) noexcept;

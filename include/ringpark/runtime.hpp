@@ -12,6 +12,16 @@
 // Nothing happens between calls: tasks, timers and completions make progress
 // only while some block_on() runs on the Runtime.
 //
+// fork(2): a Runtime belongs to the process that built it. In a forked child
+// (a fork through glibc's fork(), from anywhere, a task included) it is
+// unusable: block_on, spawn and post throw std::logic_error, and operations
+// complete at once with operation_canceled. Its ring is the parent's, and the
+// child never touches it beyond unmapping and closing it, so the parent keeps
+// every one of its completions; the child's copies of the operations that were
+// in flight never complete. Destroying the Runtime in the child returns at once
+// (unfinished spawned tasks are destroyed without being resumed). A child that
+// wants ringpark builds a new Runtime.
+//
 // Operations are in ringpark/ops.hpp.
 #pragma once
 
@@ -113,7 +123,9 @@ class Runtime {
   // are the frames of unfinished spawned tasks destroyed, without resuming
   // them. Blocks until the kernel has returned every operation. Owner thread
   // only: destroying a Runtime whose ring is SINGLE_ISSUER on another thread
-  // aborts with a message (the kernel would refuse to reap it there).
+  // aborts with a message (the kernel would refuse to reap it there). In a
+  // forked child it never blocks and never touches the parent's ring (see the
+  // top of this file); any thread may do it there.
   ~Runtime();
 
   // "io_uring", or "epoll (<why io_uring is not used>)". Never blocks; the
@@ -136,8 +148,10 @@ class Runtime {
 // loop all run inside this call. Blocks until the task finishes; returns its
 // value or rethrows its exception. Throws std::logic_error when called from
 // inside a task running on the same runtime (it would park the chain
-// re-entrantly) or on another thread than the one that built the runtime, and
-// std::invalid_argument for an empty Task.
+// re-entrantly) or on another thread than the one that built the runtime, or
+// in a forked child of the process that built it (also when a task forks: the
+// child's block_on throws once the task suspends), and std::invalid_argument
+// for an empty Task.
 template <class T>
 T block_on(Runtime& runtime, Task<T> task) {
   auto handle = detail::TaskAccess::handle(task);
@@ -154,6 +168,8 @@ T block_on(Runtime& runtime, Task<T> task) {
 
 // Runs `task` detached on the runtime's executor: it starts during a later
 // block_on (never inside this call) and its frame is destroyed when it ends.
+// Throws std::logic_error in a forked child of the process that built the
+// runtime.
 // An exception escaping a spawned task is printed and ends the process
 // (std::terminate), as one escaping a std::thread does. A task still unfinished
 // when the Runtime is destroyed is destroyed without being resumed, after every
@@ -165,7 +181,8 @@ void spawn(Runtime& runtime, Task<void> task);
 // runtime if it is parked. Thread-safe (the one entry point that is); never
 // blocks beyond a short lock; throws std::bad_alloc. Work still queued when the
 // Runtime is destroyed is dropped without running. The Runtime must outlive the
-// call.
+// call. Throws std::logic_error in a forked child of the process that built the
+// runtime.
 void post(Runtime& runtime, std::function<void()> fn);
 
 // The awaitable of sleep_for(). A deadline in the runtime's timer layer (not an

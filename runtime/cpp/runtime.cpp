@@ -15,6 +15,14 @@
 //                of unfinished spawned tasks (and with them every awaitable,
 //                buffer and child task they hold);
 //             4. destroy the chain (the ring is closed in step 2).
+//
+// After fork(2) the ring is the parent's (its SQ and CQ are mapped MAP_SHARED;
+// a standalone ring is SINGLE_ISSUER, which the child may not even enter). The
+// first time a forked child reaches the chain, the Runtime abandons it: the
+// ring is unmapped and closed without another syscall on it, every operation
+// in flight is forgotten (it completes in the parent only), and from then on
+// every operation completes at once with ECANCELED and block_on, spawn and
+// post throw. Teardown in the child is then steps 3 and 4 only.
 #include "ringpark/runtime.hpp"
 
 #include <sys/socket.h>
@@ -32,6 +40,7 @@
 #include <utility>
 
 #include "epoll_bridge/uv_reactor.hpp"
+#include "park/fork.hpp"
 #include "park/timer.hpp"
 #include "ringpark/ops.hpp"
 #include "runtime/chain.hpp"
@@ -54,7 +63,11 @@ class RuntimeImpl {
   }
 
   ~RuntimeImpl() {
-    if (std::this_thread::get_id() != owner_ && single_issuer()) {
+    // A forked child: let go of the parent's ring (reaping or cancelling there
+    // would take the parent's completions, and a SINGLE_ISSUER ring refuses
+    // every enter from this process, so the shutdown below would spin).
+    if (forked()) abandon();
+    if (!abandoned_ && std::this_thread::get_id() != owner_ && single_issuer()) {
       // The kernel refuses every enter from this thread (EEXIST), so the
       // shutdown could never reap what is in flight: say so rather than spin.
       std::fprintf(stderr,
@@ -77,8 +90,21 @@ class RuntimeImpl {
   RuntimeImpl(const RuntimeImpl&) = delete;
   RuntimeImpl& operator=(const RuntimeImpl&) = delete;
 
-  Chain& chain() noexcept { return *chain_; }
+  // The chain; in a forked child, the abandoned one (see the top of this file).
+  Chain& chain() noexcept {
+    if (forked()) abandon();
+    return *chain_;
+  }
   uv_loop_t* loop() const noexcept { return loop_; }
+  // True once a forked child let go of the parent's ring: awaitables may then
+  // be destroyed with their op "in flight" (the kernel writes the parent's
+  // copy, never ours).
+  bool abandoned() const noexcept { return abandoned_; }
+
+  void post(std::function<void()> fn) {
+    refuse_in_child("post");
+    chain_->executor().post(std::move(fn));
+  }
 
   // Queues the resumption of `frame` on the executor. Called from completions
   // (noexcept), so running out of memory here is fatal, as in the driver.
@@ -97,6 +123,7 @@ class RuntimeImpl {
   void spawn(Task<void> task) {
     auto handle = TaskAccess::handle(task);
     if (!handle) throw std::invalid_argument("ringpark::spawn: empty Task");
+    refuse_in_child("spawn");
     if (shut_down_) return;             // `task` is destroyed without running
     spawned_.insert(handle.address());  // may throw; `task` still owns the frame
     TaskAccess::release(task);
@@ -106,6 +133,7 @@ class RuntimeImpl {
   }
 
   void run_until_done(std::coroutine_handle<> task, const bool& done) {
+    refuse_in_child("block_on");
     if (driving_) {
       throw std::logic_error("ringpark::block_on called from inside a task of the same Runtime");
     }
@@ -119,10 +147,34 @@ class RuntimeImpl {
       ~Reset() { flag = false; }
     } reset{driving_};
     task.resume();
-    while (!done) park();
+    while (!done) {
+      // A task forked and this is the child: the chain is the parent's. The
+      // task's frame is destroyed by the caller's Task, without being resumed.
+      refuse_in_child("block_on");
+      park();
+    }
   }
 
  private:
+  bool forked() const noexcept { return fork_generation_ != fork_generation(); }
+
+  void abandon() noexcept {
+    if (abandoned_) return;
+    abandoned_ = true;
+    shut_down_ = true;  // nothing is resumed any more
+    chain_->abandon();
+  }
+
+  // block_on, spawn and post in a forked child: a clear error, not a hang on a
+  // ring that belongs to the parent.
+  void refuse_in_child(const char* what) {
+    if (!forked()) return;
+    abandon();
+    throw std::logic_error(std::string("ringpark::") + what +
+                           ": the Runtime was built before a fork and this is the child; its "
+                           "ring belongs to the parent. Build a new Runtime in the child.");
+  }
+
   // One pass of the chain with no time limit: executor -> timer -> driver ->
   // reactor; returns after something ran (or a spurious wake).
   void park() noexcept {
@@ -162,6 +214,8 @@ class RuntimeImpl {
   std::unordered_set<void*> spawned_;  // frames of unfinished spawned tasks
   bool driving_ = false;               // inside run_until_done
   bool shut_down_ = false;
+  bool abandoned_ = false;  // a forked child let go of the chain (abandon())
+  const unsigned fork_generation_ = fork_generation();
 };
 
 RuntimeImpl& impl_of(Runtime& runtime) noexcept { return *runtime.impl_; }
@@ -202,7 +256,7 @@ OpAwaitable::OpAwaitable(Runtime& runtime, CancelToken* token) noexcept
 }
 
 OpAwaitable::~OpAwaitable() {
-  if (in_flight_) {
+  if (in_flight_ && !runtime_->abandoned()) {
     std::fprintf(stderr,
                  "ringpark: awaitable of op %p (code %d) destroyed while the kernel may still "
                  "write into it\n",
@@ -391,7 +445,7 @@ uv_loop_t* Runtime::loop() const noexcept { return impl_->loop(); }
 void spawn(Runtime& runtime, Task<void> task) { detail::impl_of(runtime).spawn(std::move(task)); }
 
 void post(Runtime& runtime, std::function<void()> fn) {
-  detail::impl_of(runtime).chain().executor().post(std::move(fn));
+  detail::impl_of(runtime).post(std::move(fn));
 }
 
 // ---- sleep_for ---------------------------------------------------------------

@@ -28,6 +28,8 @@ void set_uv_fs_twins(const UvFsTwins& twins) noexcept { g_twins = twins; }
 
 namespace {
 
+struct FsSet;
+
 // One file operation in the ring. Owned by the ring from submit until its
 // completion, which frees it before running the user's callback: the kernel
 // writes into `stx` and the buffers `iov` points at until then.
@@ -37,7 +39,57 @@ struct FsOp {
   struct statx stx {};
   iovec small[4];
   std::unique_ptr<iovec[]> big;
+  // On its loop's list of requests in the ring, from submit to completion.
+  FsSet* set = nullptr;
+  FsOp* prev = nullptr;
+  FsOp* next = nullptr;
 };
+
+// The loop's requests in the ring, for a forked child to forget (after_fork).
+struct FsSet final : LoopContext::Extension {
+  void stop() noexcept override {}
+  // Every request on the list was in the parent's ring and never completes
+  // here; its callback runs in the parent only (libuv's own thread pool loses
+  // a child's copies of its requests the same way). It stops counting as an
+  // active request of the loop, so the child's uv_run can end, and our part of
+  // it is freed (the kernel writes the parent's copy, never ours).
+  void after_fork() noexcept override {
+    while (head != nullptr) {
+      FsOp* f = head;
+      head = f->next;
+      uv_private::req_unregister(loop);
+      delete f;
+    }
+  }
+
+  void link(FsOp* f) noexcept {
+    f->set = this;
+    f->prev = nullptr;
+    f->next = head;
+    if (head) head->prev = f;
+    head = f;
+  }
+  void unlink(FsOp* f) noexcept {
+    if (f->prev) {
+      f->prev->next = f->next;
+    } else {
+      head = f->next;
+    }
+    if (f->next) f->next->prev = f->prev;
+    f->set = nullptr;
+  }
+
+  uv_loop_t* loop = nullptr;
+  FsOp* head = nullptr;
+};
+
+FsSet* fs_set(LoopContext* ctx) noexcept {
+  if (auto* set = ctx->find_extension<FsSet>()) return set;
+  std::unique_ptr<FsSet> made(new (std::nothrow) FsSet);
+  if (!made) return nullptr;
+  made->loop = ctx->loop();
+  return ctx->add_extension(std::move(made));
+}
 
 void to_uv_stat(const struct statx& s, uv_stat_t* out) noexcept {
   // Field for field what libuv's own statx path fills in (src/unix/fs.c).
@@ -68,6 +120,7 @@ void on_complete(Op* op, int res, std::uint32_t) noexcept {
     to_uv_stat(f->stx, &req->statbuf);
     req->ptr = &req->statbuf;
   }
+  if (f->set) f->set->unlink(f);
   delete f;  // the kernel is done with it: this is the op's final completion
   uv_private::req_unregister(req->loop);
   req->cb(req);
@@ -107,6 +160,13 @@ FsOp* begin(uv_loop_t* loop, uv_fs_t* req, uv_fs_type type, OpCode code, uv_fs_c
 }
 
 int submit(LoopContext* ctx, FsOp* f) noexcept {
+  FsSet* set = fs_set(ctx);
+  if (set == nullptr) {
+    uv_fs_req_cleanup(f->req);  // the path copies begin() made
+    delete f;
+    return UV_ENOMEM;
+  }
+  set->link(f);
   uv_private::req_register(f->req->loop);
   ctx->chain().io().submit(&f->op);
   ctx->update_ref();

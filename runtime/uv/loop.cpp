@@ -1,5 +1,6 @@
 #include "runtime/uv/loop.hpp"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -21,14 +22,12 @@ namespace ringpark::detail {
 
 namespace {
 
-UvReactor::RunFn g_real_uv_run = nullptr;
-LoopCloseFn g_real_uv_loop_close = nullptr;
+// Written once by the preload (at load, or by the first interposed call of a
+// thread that beat the constructor), read by every loop's thread.
+std::atomic<UvReactor::RunFn> g_real_uv_run{nullptr};
+std::atomic<LoopCloseFn> g_real_uv_loop_close{nullptr};
 
-// Bumped in every forked child, so that a context can tell it was made by the
-// parent without a getpid() call on every operation.
-std::atomic<unsigned> g_fork_generation{0};
-[[maybe_unused]] const int g_atfork_registered =
-    ::pthread_atfork(nullptr, nullptr, [] { g_fork_generation.fetch_add(1); });
+std::atomic<FallbackNotice> g_fallback_notice{nullptr};
 
 std::mutex g_registry_mutex;
 std::unordered_map<uv_loop_t*, LoopContext*>& registry() {
@@ -36,14 +35,31 @@ std::unordered_map<uv_loop_t*, LoopContext*>& registry() {
   return *map;
 }
 
+// Held across fork(2), so that a child never inherits the registry locked by a
+// thread that does not exist there, or half-way through a change.
+[[maybe_unused]] const int g_registry_atfork = ::pthread_atfork(
+    [] { g_registry_mutex.lock(); }, [] { g_registry_mutex.unlock(); },
+    [] { g_registry_mutex.unlock(); });
+
 }  // namespace
 
-UvReactor::RunFn real_uv_run() noexcept { return g_real_uv_run ? g_real_uv_run : &uv_run; }
-void set_real_uv_run(UvReactor::RunFn run) noexcept { g_real_uv_run = run; }
-LoopCloseFn real_uv_loop_close() noexcept {
-  return g_real_uv_loop_close ? g_real_uv_loop_close : &uv_loop_close;
+UvReactor::RunFn real_uv_run() noexcept {
+  UvReactor::RunFn run = g_real_uv_run.load(std::memory_order_acquire);
+  return run != nullptr ? run : &uv_run;
 }
-void set_real_uv_loop_close(LoopCloseFn close) noexcept { g_real_uv_loop_close = close; }
+void set_real_uv_run(UvReactor::RunFn run) noexcept {
+  g_real_uv_run.store(run, std::memory_order_release);
+}
+LoopCloseFn real_uv_loop_close() noexcept {
+  LoopCloseFn close = g_real_uv_loop_close.load(std::memory_order_acquire);
+  return close != nullptr ? close : &uv_loop_close;
+}
+void set_real_uv_loop_close(LoopCloseFn close) noexcept {
+  g_real_uv_loop_close.store(close, std::memory_order_release);
+}
+void set_fallback_notice(FallbackNotice notice) noexcept {
+  g_fallback_notice.store(notice, std::memory_order_release);
+}
 
 LoopContext* LoopContext::find(uv_loop_t* loop) noexcept {
   std::lock_guard lock(g_registry_mutex);
@@ -57,76 +73,61 @@ void LoopContext::for_each(void (*fn)(LoopContext*)) noexcept {
 }
 
 LoopContext* LoopContext::get(uv_loop_t* loop) noexcept {
-  std::lock_guard lock(g_registry_mutex);
-  auto& map = registry();
-  auto it = map.find(loop);
-  if (it != map.end()) {
-    LoopContext* ctx = it->second;
-    if (ctx->fork_generation_ != g_fork_generation.load(std::memory_order_relaxed)) {
-      // A forked child: the ring still belongs to the parent (cancelling through
-      // it would cancel the parent's operations), so leave the old context alone
-      // and only take its handles out of the child's copy of the loop.
-      ctx->stop_handles();
-      map.erase(it);
-    } else if (!uv_private::still_linked(loop, reinterpret_cast<uv_handle_t*>(&ctx->hook_))) {
-      // The loop was closed with plain uv_loop_close and a new one made at the
-      // same address: the old handles are gone with the old loop.
-      map.erase(it);
-      delete ctx;
-    } else {
-      return ctx;
+  LoopContext* ctx = nullptr;
+  {
+    std::lock_guard lock(g_registry_mutex);
+    auto& map = registry();
+    auto it = map.find(loop);
+    if (it != map.end()) {
+      ctx = it->second;
+      if (!uv_private::still_linked(loop, reinterpret_cast<uv_handle_t*>(&ctx->hook_))) {
+        // The loop was closed with plain uv_loop_close and a new one made at
+        // the same address: the old handles are gone with the old loop. (In a
+        // forked child the chain's shutdown abandons the parent's ring.)
+        map.erase(it);
+        delete ctx;
+        ctx = nullptr;
+      }
+    }
+    if (ctx == nullptr) {
+      try {
+        ctx = new LoopContext(loop);
+        map.emplace(loop, ctx);
+        return ctx;
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "ringpark: cannot set up loop %p, running plain libuv: %s\n",
+                     static_cast<void*>(loop), e.what());
+        return nullptr;
+      }
     }
   }
-  try {
-    auto* ctx = new LoopContext(loop);
-    map.emplace(loop, ctx);
-    return ctx;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "ringpark: cannot set up loop %p, running plain libuv: %s\n",
-                 static_cast<void*>(loop), e.what());
-    return nullptr;
-  }
+  // Outside the lock: the rebuild runs the extensions' after_fork(). A loop is
+  // used by one thread at a time, which is the one here.
+  ctx->notice_fork();
+  return ctx;
 }
 
-LoopContext::LoopContext(uv_loop_t* loop)
-    : loop_(loop), fork_generation_(g_fork_generation.load(std::memory_order_relaxed)) {
+LoopContext::LoopContext(uv_loop_t* loop) : loop_(loop), fork_generation_(fork_generation()) {
   // RINGPARK_SLEEP=ring: sleep in the ring on every turn that may block, even
   // with nothing of ringpark's in flight (to measure it, and so that libuv's
   // test suite can exercise that path); the default sleeps there only when
   // ringpark is busy.
   const char* sleep = std::getenv("RINGPARK_SLEEP");
   always_ring_ = sleep != nullptr && std::strcmp(sleep, "ring") == 0;
-  auto reactor =
-      std::make_unique<UvReactor>(loop, UvReactor::TurnMode::mark_ready, real_uv_run());
-  reactor_ = reactor.get();
   // DEFER_TASKRUN stays off (the ring gets COOP_TASKRUN): it needs
   // SINGLE_ISSUER, which ties the ring to the thread that made it, while libuv
   // lets a loop be set up on one thread and run on another; measured, it gave
   // about 3% over COOP_TASKRUN (bench/RESULTS.md). On the fallback libuv
   // watches our epoll set, so ours must not watch libuv's.
-  ChainOptions options;
-  options.fallback_polls_inner = false;
+  options_.fallback_polls_inner = false;
   // Room for a thousand operations started in one iteration (rp_poll_start on
   // 1,000 fds) to go out in one io_uring_enter: a full SQ costs an extra enter.
-  options.ring.entries = 1024;
-  chain_ = std::make_unique<Chain>(options, std::move(reactor));
-  int wake_fd;
-  if (UringDriver* uring = chain_->uring()) {
-    eventfd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (eventfd_ < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
-    int r = uring->register_eventfd(eventfd_);
-    if (r < 0) {
-      ::close(eventfd_);
-      throw std::system_error(-r, std::generic_category(), "io_uring_register_eventfd");
-    }
-    wake_fd = eventfd_;
-  } else {
-    // The fallback's epoll set is readable whenever ringpark has work.
-    wake_fd = chain_->epoll().fd();
-  }
+  // Under a small locked-memory limit the ring may get fewer (setup_ring).
+  options_.ring.entries = 1024;
+  build_chain();
 
   uv_prepare_init(loop, &hook_);
-  uv_poll_init(loop, &wake_, wake_fd);
+  uv_poll_init(loop, &wake_, wake_fd_);
   uv_timer_init(loop, &deadline_);
   for (uv_handle_t* h : {reinterpret_cast<uv_handle_t*>(&hook_),
                          reinterpret_cast<uv_handle_t*>(&wake_),
@@ -138,8 +139,86 @@ LoopContext::LoopContext(uv_loop_t* loop)
 }
 
 LoopContext::~LoopContext() {
+  // In a forked child that never noticed the fork, this abandons instead.
   chain_->shutdown();
-  if (eventfd_ >= 0) ::close(eventfd_);
+  ::close(wake_fd_);
+}
+
+void LoopContext::build_chain() {
+  auto reactor =
+      std::make_unique<UvReactor>(loop_, UvReactor::TurnMode::mark_ready, real_uv_run());
+  UvReactor* reactor_ptr = reactor.get();
+  auto chain = std::make_unique<Chain>(options_, std::move(reactor));
+  UringDriver* uring = chain->uring();
+  // io_uring: an eventfd the kernel signals on every CQE. The fallback: its
+  // epoll set, readable whenever ringpark has work (a dup, owned here, so that
+  // its number can outlive the chain).
+  int fresh = uring ? ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+                    : ::fcntl(chain->epoll().fd(), F_DUPFD_CLOEXEC, 0);
+  if (fresh < 0) throw std::system_error(errno, std::generic_category(), "wake fd");
+  const bool first = wake_fd_ < 0;
+  if (first) {
+    wake_fd_ = fresh;
+  } else {
+    // After a fork: the fresh object goes onto the old number, which libuv's
+    // hidden uv_poll_t (and libuv's own bookkeeping) name. The parent's eventfd
+    // (or epoll set) is no longer reachable from here, so the child never reads
+    // a wake meant for the parent; and when libuv registers the number in its
+    // epoll set (uv_loop_fork makes it do so again) it gets the fresh object.
+    const int r = ::dup3(fresh, wake_fd_, O_CLOEXEC);
+    const int err = errno;
+    ::close(fresh);
+    if (r < 0) throw std::system_error(err, std::generic_category(), "dup3 of the wake fd");
+  }
+  if (uring) {
+    if (int r = uring->register_eventfd(wake_fd_); r < 0) {
+      if (first) {
+        ::close(wake_fd_);  // the constructor throws: nobody else closes it
+        wake_fd_ = -1;
+      }
+      throw std::system_error(-r, std::generic_category(), "io_uring_register_eventfd");
+    }
+  }
+  eventfd_ = uring ? wake_fd_ : -1;
+  chain_ = std::move(chain);
+  reactor_ = reactor_ptr;
+  if (!uring && backend_from_env(options_.backend) != BackendChoice::epoll) {
+    if (FallbackNotice notice = g_fallback_notice.load(std::memory_order_acquire)) {
+      notice(chain_->fallback_reason().c_str());
+    }
+  }
+}
+
+void LoopContext::rebuild_after_fork() noexcept {
+  fork_generation_ = fork_generation();
+  // Let go of the parent's ring (or epoll set) without touching it. The old
+  // chain's objects may be on the stack (a completion callback that forked),
+  // so they are freed later (collect_abandoned).
+  chain_->abandon();
+  try {
+    abandoned_.push_back(std::move(chain_));
+  } catch (...) {
+    (void)chain_.release();  // out of memory: leaked, never freed while in use
+  }
+  try {
+    build_chain();
+  } catch (const std::exception& e) {
+    // The hidden handles name this context's chain; there is no way to go on.
+    std::fprintf(stderr, "ringpark: cannot rebuild loop %p in a forked child: %s\n",
+                 static_cast<void*>(loop_), e.what());
+    std::abort();
+  }
+  reactor_->clear_ready();
+  for (auto& entry : extensions_) entry.second->after_fork();
+  update_ref();
+}
+
+int LoopContext::handle_opened(const void* handle) noexcept {
+  try {
+    return live_handles_.insert(handle).second ? 0 : UV_EBUSY;
+  } catch (...) {
+    return UV_ENOMEM;
+  }
 }
 
 void LoopContext::start_handles() noexcept {
@@ -213,6 +292,7 @@ void LoopContext::update_ref() noexcept {
 
 void LoopContext::sleep_in_ring() noexcept {
   UringDriver* uring = chain_->uring();
+  const unsigned generation = fork_generation_;
   // While the ring is where we sleep, CQEs need not signal libuv's side.
   if (uring) uring->set_eventfd_enabled(false);
   reactor_->clear_ready();
@@ -229,6 +309,13 @@ void LoopContext::sleep_in_ring() noexcept {
     // cached time, which predates this sleep: without this a due timer would
     // look a whole sleep away, and fire up to twice late.
     uv_update_time(loop_);
+    if (fork_generation() != generation) {
+      // A callback forked and this is the child: `uring` is the parent's. Go
+      // back to libuv with the fresh chain (built here if no entry point in
+      // the callback built it).
+      notice_fork();
+      break;
+    }
     if (mode_ == UV_RUN_ONCE && uring->stats().cqes_reaped != reaped) {
       // Ringpark callbacks ran: that is the progress ONCE waits for. Return to
       // libuv, whose poll must then not block: the eventfd makes it readable.
@@ -244,6 +331,10 @@ void LoopContext::sleep_in_ring() noexcept {
 
 void LoopContext::on_prepare(uv_prepare_t* handle) {
   auto* self = static_cast<LoopContext*>(handle->data);
+  // Before libuv's poll, which would register the wake fd in a forked child's
+  // new epoll set (after uv_loop_fork): it must name the fresh object by then.
+  self->notice_fork();
+  self->collect_abandoned();
   ++self->turns_;
   // Only the ring can wait on libuv's fd and ours at once; on the fallback libuv
   // sleeps and our epoll fd wakes it.
@@ -265,6 +356,7 @@ void LoopContext::on_prepare(uv_prepare_t* handle) {
       self->chain_->top().turn();
     }
   }
+  self->notice_fork();  // a callback may have forked
   // libuv's poll comes next. Completions left for us must wake it only if it
   // could block: when its own fd is ready it returns at once, and the next
   // iteration's hook reaps them without an eventfd round trip.
@@ -273,11 +365,16 @@ void LoopContext::on_prepare(uv_prepare_t* handle) {
 
 void LoopContext::on_wake(uv_poll_t* handle, int, int) {
   auto* self = static_cast<LoopContext*>(handle->data);
+  // In a forked child, first put the fresh eventfd on the number: reading the
+  // inherited one would eat a wake meant for the parent.
+  self->notice_fork();
+  self->collect_abandoned();
   if (self->eventfd_ >= 0) {
     std::uint64_t value;
     (void)!::read(self->eventfd_, &value, sizeof value);
   }
   self->chain_->top().turn();
+  self->notice_fork();  // a callback may have forked
   // The prepare hook runs before libuv polls again and takes care of anything
   // left: no need to wake libuv from here.
   self->before_libuv_sleeps(/*libuv_may_block=*/false);
@@ -285,11 +382,15 @@ void LoopContext::on_wake(uv_poll_t* handle, int, int) {
 
 void LoopContext::on_deadline(uv_timer_t* handle) {
   auto* self = static_cast<LoopContext*>(handle->data);
+  self->notice_fork();
+  self->collect_abandoned();
   self->chain_->top().turn();
+  self->notice_fork();  // a callback may have forked
   self->before_libuv_sleeps(/*libuv_may_block=*/false);
 }
 
 int LoopContext::run(uv_run_mode mode) noexcept {
+  collect_abandoned();
   // Keep the hook after any prepare handle the program started meanwhile.
   uv_private::move_prepare_last(&hook_);
   const bool was_running = running_;
@@ -305,7 +406,9 @@ int LoopContext::run(uv_run_mode mode) noexcept {
 }
 
 int LoopContext::close_loop() noexcept {
-  if (busy() || open_handles_ > 0) return UV_EBUSY;
+  notice_fork();
+  collect_abandoned();
+  if (busy() || !live_handles_.empty() || anonymous_handles_ > 0) return UV_EBUSY;
   stop_handles();
   for (auto& entry : extensions_) entry.second->stop();
   int r = real_uv_loop_close()(loop_);

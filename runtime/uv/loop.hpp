@@ -14,11 +14,24 @@
 // not block), ringpark's completions still wake it: the ring's eventfd (or, on
 // the fallback, ringpark's epoll fd) is watched by a hidden uv_poll_t, and a
 // hidden uv_timer_t carries ringpark's earliest deadline.
+//
+// After fork(2) the ring (its SQ and CQ are mapped MAP_SHARED), the epoll set of
+// the fallback and the eventfd are shared with the parent: a child that
+// submitted, reaped or cancelled through them would take the parent's
+// completions or cancel its operations. So a context in a forked child keeps
+// its address (handles point at it) but, the first time any entry point calls
+// notice_fork(), it abandons the parent's chain without touching it (unmap and
+// close only), builds a fresh one (new ring, new eventfd, placed on the old
+// eventfd's fd number so that libuv's hidden uv_poll_t, and libuv's own
+// uv_loop_fork, see the new one) and tells every extension (after_fork()).
+// Operations that were in flight at the fork never complete in the child; the
+// parent keeps every one of its completions.
 #pragma once
 
 #include <uv.h>
 
 #include <memory>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -30,7 +43,8 @@ namespace ringpark::detail {
 class LoopContext {
  public:
   // The loop's context, made on first use. Null only when even the fallback
-  // cannot be built (out of fds); the caller then runs plain libuv.
+  // cannot be built (out of fds); the caller then runs plain libuv. In a forked
+  // child, the context has noticed the fork (notice_fork()) when this returns.
   static LoopContext* get(uv_loop_t* loop) noexcept;
   // The context if one exists, without making one.
   static LoopContext* find(uv_loop_t* loop) noexcept;
@@ -49,8 +63,12 @@ class LoopContext {
     // Takes the part's libuv handles out of the loop before uv_loop_close; the
     // destructor must not touch the loop.
     virtual void stop() noexcept = 0;
-    // In a forked child, once the context has a fresh chain: nothing in the
-    // old ring will ever complete in this process.
+    // In a forked child, once the context has a fresh chain: every op the part
+    // had in the old chain was forgotten (left idle, and it will never complete
+    // in this process), and so was every deadline. The part forgets them too,
+    // and starts again on the fresh chain what should go on (a started watcher
+    // is armed again). Runs inside whichever entry point noticed the fork, so
+    // it must not call user code.
     virtual void after_fork() noexcept {}
   };
   // Part T's state, or null while it has none.
@@ -73,11 +91,26 @@ class LoopContext {
     }
   }
 
-  // rp_tcp_t and rp_poll_t count themselves from init to their close callback,
-  // so that rp_loop_close answers UV_EBUSY while any is open, as uv_loop_close
-  // does for libuv's handles.
-  void handle_opened() noexcept { ++open_handles_; }
-  void handle_closed() noexcept { --open_handles_; }
+  // Handles of ours (rp_poll_t, rp_tcp_t) are live on the loop from init to
+  // their close callback, so that rp_loop_close answers UV_EBUSY while any is
+  // open, as uv_loop_close does for libuv's handles. handle_opened returns 0,
+  // or UV_EBUSY when `handle` is live already (an init called again on a live
+  // handle: refused, and nothing counted twice), or UV_ENOMEM. Loop thread.
+  int handle_opened(const void* handle) noexcept;
+  void handle_closed(const void* handle) noexcept { live_handles_.erase(handle); }
+  // The same without an address, for rp_tcp_t until it moves to the calls
+  // above: counted, with no check for a second init.
+  void handle_opened() noexcept { ++anonymous_handles_; }
+  void handle_closed() noexcept { --anonymous_handles_; }
+
+  // Every entry point that reaches the chain through a context it holds (a
+  // handle's) calls this first. Cheap (one relaxed load and a compare) unless
+  // this is a forked child whose context has not noticed the fork yet: then it
+  // abandons the parent's chain and builds a fresh one (see the top of this
+  // file). Aborts, with a message, if even the fallback cannot be built.
+  void notice_fork() noexcept {
+    if (fork_generation_ != fork_generation()) rebuild_after_fork();
+  }
 
   Chain& chain() noexcept { return *chain_; }
   uv_loop_t* loop() const noexcept { return loop_; }
@@ -107,6 +140,14 @@ class LoopContext {
   explicit LoopContext(uv_loop_t* loop);
   ~LoopContext();
 
+  // Builds chain_ and reactor_, and points wake_fd_ at the chain's wake object
+  // (the ring's eventfd, or a dup of the fallback's epoll fd). Throws.
+  void build_chain();
+  void rebuild_after_fork() noexcept;
+  // Frees chains abandoned after a fork. Only where no frame of theirs can be
+  // on the stack: at the entry of our libuv callbacks and of run().
+  void collect_abandoned() noexcept { abandoned_.clear(); }
+
   void start_handles() noexcept;
   void stop_handles() noexcept;
   void sleep_in_ring() noexcept;
@@ -117,10 +158,17 @@ class LoopContext {
   static void on_deadline(uv_timer_t* handle);
 
   uv_loop_t* loop_;
-  unsigned fork_generation_;  // see g_fork_generation
-  UvReactor* reactor_;  // owned by chain_
+  unsigned fork_generation_;  // of the process that built chain_ (park/fork.hpp)
+  ChainOptions options_;
+  UvReactor* reactor_ = nullptr;  // owned by chain_
   std::unique_ptr<Chain> chain_;
-  int eventfd_ = -1;  // io_uring only: signalled by the kernel on every CQE
+  // Chains of the parent, abandoned after a fork (see collect_abandoned).
+  std::vector<std::unique_ptr<Chain>> abandoned_;
+  // The fd libuv's wake poll watches, owned by the context: the ring's eventfd,
+  // or a dup of the fallback's epoll fd. Its number never changes (after a fork
+  // a fresh object is put on it with dup3), since libuv's uv_poll_t names it.
+  int wake_fd_ = -1;
+  int eventfd_ = -1;  // wake_fd_ on io_uring (the kernel signals it on every CQE), else -1
   uv_prepare_t hook_;
   uv_poll_t wake_;
   uv_timer_t deadline_;
@@ -130,20 +178,29 @@ class LoopContext {
   bool referenced_ = false;
   bool always_ring_ = false;  // RINGPARK_SLEEP=ring
   std::uint64_t turns_ = 0;
-  std::size_t open_handles_ = 0;
   std::size_t libuv_accounted_ = 0;
+  std::unordered_set<const void*> live_handles_;  // see handle_opened
+  std::size_t anonymous_handles_ = 0;
   template <typename T>
   static constexpr char kExtensionKey = 0;  // its address names part T
   std::vector<std::pair<const void*, std::unique_ptr<Extension>>> extensions_;
 };
 
 // The real uv_run. The preload library, which defines uv_run itself, sets it to
-// the next definition in the lookup order.
+// the next definition in the lookup order, once (any thread may read it
+// meanwhile: it is an atomic).
 UvReactor::RunFn real_uv_run() noexcept;
 void set_real_uv_run(UvReactor::RunFn run) noexcept;
 // The real uv_loop_close, likewise (the preload interposes it too).
 using LoopCloseFn = int (*)(uv_loop_t*);
 LoopCloseFn real_uv_loop_close() noexcept;
 void set_real_uv_loop_close(LoopCloseFn close) noexcept;
+
+// Called with the reason each time a loop's chain comes up on the epoll
+// fallback although nothing forced it there (RINGPARK_BACKEND=epoll), from the
+// thread that runs the loop. The preload sets it, to say once on stderr why a
+// program does not get io_uring. Null (the default) for none.
+using FallbackNotice = void (*)(const char* reason) noexcept;
+void set_fallback_notice(FallbackNotice notice) noexcept;
 
 }  // namespace ringpark::detail

@@ -33,6 +33,10 @@
 // Memory the kernel may touch: a watcher's two Ops. They live in the watcher's
 // private state (rp_poll_t::impl_), which is freed only after both are idle
 // (their final completions ran), right before the close callback.
+//
+// After fork(2), in the child (PollSet::after_fork): the watchers' polls were
+// in the parent's ring and never complete here. Every started watcher gets a
+// new poll in the child's fresh ring; one being closed gets its close callback.
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/ioctl.h>
@@ -74,6 +78,10 @@ struct Watcher {
   bool active = false;
   bool want_arm = false;
   bool closing = false;
+  bool close_queued = false;  // on PollSet::closed
+  // Every watcher of the loop, from init to its release (PollSet::all_head).
+  Watcher* all_prev = nullptr;
+  Watcher* all_next = nullptr;
   // The loop's recheck list (see the top of this file).
   bool listed = false;
   Watcher* prev = nullptr;
@@ -89,6 +97,22 @@ struct Watcher {
 // the loop's first watcher, kept with the loop's context.
 struct PollSet final : LoopContext::Extension {
   void stop() noexcept override { uv_idle_stop(&idle); }
+  void after_fork() noexcept override;
+
+  void link(Watcher* w) noexcept {
+    w->all_prev = nullptr;
+    w->all_next = all_head;
+    if (all_head) all_head->all_prev = w;
+    all_head = w;
+  }
+  void unlink(Watcher* w) noexcept {
+    if (w->all_prev) {
+      w->all_prev->all_next = w->all_next;
+    } else {
+      all_head = w->all_next;
+    }
+    if (w->all_next) w->all_next->all_prev = w->all_prev;
+  }
 
   uv_loop_t* loop = nullptr;
   LoopContext* ctx = nullptr;
@@ -97,6 +121,7 @@ struct PollSet final : LoopContext::Extension {
   Watcher* listed_head = nullptr;
   std::vector<Watcher*> closed;  // every op idle, close callback due
   std::size_t watchers = 0;      // initialised and not yet released
+  Watcher* all_head = nullptr;   // those watchers
   // Scratch for the recheck, kept for its capacity.
   std::vector<pollfd> fds;
   std::vector<Watcher*> batch;
@@ -216,6 +241,7 @@ void queue_close(Watcher* w) noexcept {
     std::fprintf(stderr, "ringpark: out of memory queueing a close callback\n");
     std::abort();
   }
+  w->close_queued = true;
   update_idle(set);
 }
 
@@ -309,6 +335,7 @@ void recheck(PollSet* set) noexcept {
 
 void on_idle(uv_idle_t* idle) {
   auto* set = static_cast<PollSet*>(idle->data);
+  set->ctx->notice_fork();
   // 1. Close callbacks. Those queued meanwhile (a close callback closing
   // another watcher) run at the next pass.
   if (!set->closed.empty()) {
@@ -318,9 +345,10 @@ void on_idle(uv_idle_t* idle) {
       rp_poll_t* handle = w->handle;
       rp_poll_close_cb cb = w->close_cb;
       handle->impl_ = nullptr;
+      set->unlink(w);
       delete w;
       --set->watchers;
-      set->ctx->handle_closed();
+      set->ctx->handle_closed(handle);
       if (cb) cb(handle);  // the handle's memory is the user's again
     }
   }
@@ -333,8 +361,32 @@ void on_idle(uv_idle_t* idle) {
   set->ctx->update_ref();
 }
 
+void PollSet::after_fork() noexcept {
+  // The context has abandoned the parent's ring, which forgot both ops of
+  // every watcher (they are idle, and nothing of theirs completes here).
+  for (Watcher* w = all_head; w != nullptr; w = w->all_next) {
+    w->armed = nullptr;
+    w->want_arm = false;
+    if (w->closing) {
+      // Its close waited for those ops' final completions, which will not come.
+      if (!w->close_queued) queue_close(w);
+    } else if (w->active) {
+      // Readiness that came meanwhile is reported: a new poll reports an fd
+      // that is ready when it is armed. A listed watcher stays listed, and the
+      // next recheck looks at it.
+      arm(w);
+    }
+  }
+  ctx->update_ref();
+}
+
+// The watcher of a handle, after the loop's context noticed a fork (if any),
+// so that what the caller does next goes to the fresh ring.
 Watcher* watcher_of(const rp_poll_t* handle) noexcept {
-  return handle == nullptr ? nullptr : static_cast<Watcher*>(handle->impl_);
+  if (handle == nullptr) return nullptr;
+  auto* w = static_cast<Watcher*>(handle->impl_);
+  if (w != nullptr) w->set->ctx->notice_fork();
+  return w;
 }
 
 }  // namespace
@@ -347,24 +399,40 @@ extern "C" {
 int rp_poll_init(uv_loop_t* loop, rp_poll_t* handle, int fd) {
   if (loop == nullptr || handle == nullptr) return UV_EINVAL;
   if (fd < 0) return UV_EBADF;
-  // Non-blocking, as uv_poll_init makes it; this also checks that fd is open.
-  int one = 1;
-  if (::ioctl(fd, FIONBIO, &one) != 0) {
-    if (errno != ENOTTY) return -errno;
-    int fl = ::fcntl(fd, F_GETFL);
-    if (fl < 0 || ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -errno;
-  }
+  // An fd that is not open is refused before the loop's context may be made
+  // (which opens fds of its own, and could reuse that number).
+  if (::fcntl(fd, F_GETFD) < 0) return -errno;
   LoopContext* ctx = LoopContext::get(loop);
   if (ctx == nullptr) return UV_ENOMEM;
   PollSet* set = poll_set(loop, ctx);
   if (set == nullptr) return UV_ENOMEM;
+  // Refused, before anything changes, while the handle is open on this loop:
+  // initialising it again would lose the watcher it has (and its ops, which
+  // the kernel may still hold), and count it twice.
+  if (int r = ctx->handle_opened(handle); r != 0) return r;
+  // Non-blocking, as uv_poll_init makes it; this also checks that fd is open.
+  int one = 1;
+  if (::ioctl(fd, FIONBIO, &one) != 0) {
+    int err = errno;
+    if (err == ENOTTY) {
+      int fl = ::fcntl(fd, F_GETFL);
+      err = fl >= 0 && ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) == 0 ? 0 : errno;
+    }
+    if (err != 0) {
+      ctx->handle_closed(handle);
+      return -err;
+    }
+  }
   auto* w = new (std::nothrow) Watcher;
-  if (w == nullptr) return UV_ENOMEM;  // a new set stays, empty, until the next watcher
+  if (w == nullptr) {
+    ctx->handle_closed(handle);
+    return UV_ENOMEM;  // a new set stays, empty, until the next watcher
+  }
   w->handle = handle;
   w->set = set;
   w->fd = fd;
   ++set->watchers;
-  ctx->handle_opened();
+  set->link(w);
   handle->loop = loop;
   handle->fd = fd;
   handle->impl_ = w;

@@ -25,9 +25,17 @@
 // libuv) would resolve to the definitions below, which call back into
 // ringpark. So every such call goes through a pointer that the constructor
 // aims at the next definition in the lookup order (libuv's): set_real_uv_run,
-// set_uv_fs_twins and set_uv_stream_fns.
+// set_uv_fs_twins and set_uv_stream_fns, each set once (init_once), whichever
+// thread gets there first: programs with a loop per thread call uv_run from
+// many threads at once.
+//
+// When a loop comes up on the epoll fallback although io_uring was not turned
+// off on purpose (RINGPARK_BACKEND=epoll), the first time it happens the
+// reason goes to stderr, once per process: an operator then sees why
+// (a seccomp filter, kernel.io_uring_disabled, RLIMIT_MEMLOCK...).
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -52,6 +60,12 @@ void* next_symbol(const char* name) noexcept {
 ringpark::detail::UvReactor::RunFn next_uv_run() noexcept {
   static auto next = reinterpret_cast<ringpark::detail::UvReactor::RunFn>(next_symbol("uv_run"));
   return next;
+}
+
+void notice_fallback(const char* reason) noexcept {
+  static std::atomic<bool> said{false};
+  if (said.exchange(true, std::memory_order_relaxed)) return;
+  std::fprintf(stderr, "ringpark: io_uring is not available, running on epoll: %s\n", reason);
 }
 
 template <typename Fn>
@@ -128,6 +142,7 @@ void init_once() noexcept {
   static std::once_flag once;
   std::call_once(once, [] {
     ringpark::detail::set_real_uv_run(next_uv_run());
+    ringpark::detail::set_fallback_notice(&notice_fallback);
     ringpark::detail::LoopCloseFn loop_close;
     aim(loop_close, "uv_loop_close");
     ringpark::detail::set_real_uv_loop_close(loop_close);

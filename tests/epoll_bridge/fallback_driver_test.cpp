@@ -983,6 +983,7 @@ class EventfdReactor final : public Reactor {
   }
   Unparker unparker() const override { return {}; }
   void shutdown() noexcept override { ++shutdowns; }
+  void abandon() noexcept override {}
   int fd() const noexcept override { return fd_; }
   Timeout timeout() const noexcept override { return timeout_; }
 
