@@ -638,6 +638,37 @@ TEST_P(RpPoll, BadInput) {
   EXPECT_EQ(rp_poll_start(&h, UV_READABLE, &record), UV_EINVAL) << "closed";
 }
 
+// rp_poll_init on a handle that is open on the loop is refused, before it
+// changes anything: the watcher keeps working, and it is counted once, so that
+// after its one close the loop closes (before the fix the second init leaked
+// the first watcher, and rp_loop_close answered UV_EBUSY for ever).
+TEST_P(RpPoll, InitAgainOnALiveHandleIsRefused) {
+  Pipe p, q;
+  rp_poll_t h;
+  Seen seen;
+  seen.drain_fd = p.r;
+  h.data = &seen;
+  ASSERT_EQ(rp_poll_init(&loop_, &h, p.r), 0);
+  EXPECT_EQ(rp_poll_init(&loop_, &h, p.r), UV_EBUSY) << "initialised, not started";
+  ASSERT_EQ(rp_poll_start(&h, UV_READABLE, &record), 0);
+  EXPECT_EQ(rp_poll_init(&loop_, &h, p.r), UV_EBUSY) << "started";
+  EXPECT_EQ(rp_poll_init(&loop_, &h, q.r), UV_EBUSY) << "started, another fd";
+  EXPECT_FALSE(::fcntl(q.r, F_GETFL) & O_NONBLOCK) << "a refused init changes nothing";
+  EXPECT_EQ(h.fd, p.r);
+  EXPECT_EQ(rp_poll_is_active(&h), 1);
+  ASSERT_EQ(::write(p.w, "x", 1), 1);
+  ASSERT_TRUE(run_until([&] { return seen.calls > 0; })) << "the watcher still works";
+  EXPECT_EQ(seen.status, 0);
+  ASSERT_EQ(rp_poll_close(&h, &count_close), 0);
+  EXPECT_EQ(rp_poll_init(&loop_, &h, p.r), UV_EBUSY) << "closing: open until its close callback";
+  EXPECT_TRUE(run_until([&] { return seen.closes > 0; }));
+  EXPECT_EQ(seen.closes, 1);
+  // From its close callback on, the memory is the program's again.
+  ASSERT_EQ(rp_poll_init(&loop_, &h, q.r), 0);
+  seen.closes = 0;
+  close_and_wait(&h, &seen);
+}
+
 TEST_P(RpPoll, RandomStartStopCloseSequencesKeepTheContract) {
   // Seeded, bounded churn: starts with random masks, stops, closes and
   // re-inits, writes and drains, mixed with loop iterations. Checked: no
