@@ -7,6 +7,22 @@
  *
  * Threads: every function here must be called on the thread that runs the loop,
  * like the libuv functions they mirror.
+ *
+ * fork(2): a loop's ring is shared with a forked child (its memory is mapped
+ * MAP_SHARED), so the child never touches the parent's ring, eventfd or epoll
+ * set beyond closing and unmapping them, and the parent keeps every one of its
+ * completions. The first ringpark call on the loop in the child (rp_uv_run,
+ * rp_fs_*, rp_poll_*, or ringpark's hidden handles inside a plain uv_run) gives
+ * the loop a fresh ring, on the same loop and handles:
+ *  - operations that were in flight at the fork never complete in the child
+ *    (their callbacks run in the parent only), and no longer keep the child's
+ *    loop alive;
+ *  - a started rp_poll_t watches again in the child's ring; one being closed
+ *    gets its close callback;
+ *  - the child must call uv_loop_fork(loop) before it runs the loop, as libuv
+ *    requires (until then libuv's own epoll set is the parent's).
+ * A fork from inside a ringpark callback is fine: in the child, nothing more of
+ * that loop iteration's ringpark completions runs.
  */
 #ifndef RINGPARK_H_
 #define RINGPARK_H_
@@ -40,9 +56,15 @@ int rp_uv_run(uv_loop_t* loop, uv_run_mode mode);
 int rp_stats(uv_loop_t* loop, rp_stats_t* stats);
 
 /* Which backend runs `loop`: "io_uring", or "epoll (<why>)" such as
- * "epoll (io_uring_setup: EPERM)" or "epoll (RINGPARK_BACKEND=epoll)". Sets up
- * the loop's ringpark state if needed. The string lives as long as that state
- * (until rp_loop_close). Never null. */
+ * "epoll (io_uring_setup: EPERM)" (a seccomp filter),
+ * "epoll (io_uring_setup: EPERM (kernel.io_uring_disabled=2: ...))",
+ * "epoll (io_uring_setup: ENOMEM (RLIMIT_MEMLOCK: a ring of 64 entries needs
+ * 8 KiB of locked memory, the limit is 0 KiB, ...))" or
+ * "epoll (RINGPARK_BACKEND=epoll)". Under a small RLIMIT_MEMLOCK a loop's ring
+ * gets fewer entries (down to 64) before it falls back. Sets up the loop's
+ * ringpark state if needed. The string lives as long as that state (until
+ * rp_loop_close, or until a forked child gives the loop a fresh ring). Never
+ * null. */
 const char* rp_backend(uv_loop_t* loop);
 
 /* Whether the program's own uv_tcp_t streams on `loop` are adopted (their
@@ -330,9 +352,10 @@ struct rp_poll_s {
 
 /* Initialises `handle` to watch `fd` and sets `fd` non-blocking, as
  * uv_poll_init does. Returns 0, UV_EINVAL (null loop or handle), UV_EBADF (fd
- * is not an open descriptor), UV_ENOMEM (the watcher's state or the loop's
- * ringpark state cannot be allocated). After 0 the handle must be closed with
- * rp_poll_close before its memory is reused. */
+ * is not an open descriptor), UV_EBUSY (`handle` is open on this loop already:
+ * initialised and its close callback not yet run; nothing changes), UV_ENOMEM
+ * (the watcher's state or the loop's ringpark state cannot be allocated). After
+ * 0 the handle must be closed with rp_poll_close before its memory is reused. */
 int rp_poll_init(uv_loop_t* loop, rp_poll_t* handle, int fd);
 /* Starts watching for `events` (UV_READABLE | UV_WRITABLE | UV_DISCONNECT |
  * UV_PRIORITIZED), calling `cb` as uv_poll_cb. On an active handle it changes

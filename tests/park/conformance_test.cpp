@@ -7,9 +7,12 @@
 // asserted firmly and lower bounds only where these layers never wake
 // spuriously (see SeveralUnparksCollapseIntoOne).
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <memory>
 #include <optional>
 #include <string>
@@ -288,6 +291,37 @@ TYPED_TEST(ParkConformance, DestroyWithoutShutdownReturns) {
   this->top().park(Duration::zero());
   Watchdog watchdog(5s, "destructor");
   this->stack_.reset();
+}
+
+// abandon() in a forked child lets go of the layer without touching what it
+// shares with the parent, and returns at once; so does destroying the layer
+// there. The parent's layer is unaffected: an unpark still ends its park (the
+// child did not take the wake), and it parks and shuts down as before.
+TYPED_TEST(ParkConformance, AbandonInAForkedChildLeavesTheParentWorking) {
+  this->top().park(Duration::zero());  // the io_uring driver arms its internal ops
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::alarm(5);  // a child that hangs dies, and the parent sees the signal
+    this->top().abandon();
+    this->top().abandon();  // a second one does nothing
+    this->stack_.reset();
+    ::_exit(0);
+  }
+  int status = 0;
+  {
+    Watchdog watchdog(10s, "waitpid");
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  }
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
+
+  this->top().unparker().unpark();
+  Watchdog watchdog;
+  Stopwatch sw;
+  this->top().park(std::nullopt);
+  EXPECT_LT(sw.elapsed(), kAtOnce);
+  this->top().shutdown();
 }
 
 }  // namespace
