@@ -208,7 +208,6 @@ void LoopContext::rebuild_after_fork() noexcept {
                  static_cast<void*>(loop_), e.what());
     std::abort();
   }
-  reactor_->clear_ready();
   for (auto& entry : extensions_) entry.second->after_fork();
   update_ref();
 }

@@ -470,6 +470,31 @@ bool run_until(uv_loop_t* loop, Pred done) {
   return true;
 }
 
+// In a child: a new operation on `loop` completes with the right result. On
+// io_uring, a file read through the child's ring; on the fallback, where
+// rp_fs_read is libuv's thread pool (and a child that starts threads after a
+// multi-threaded fork is more than ThreadSanitizer supports), a new watcher on
+// the child's fresh epoll set.
+int new_operation_works(uv_loop_t* loop) {
+  Pipe p3;
+  if (!backend_is("epoll")) {
+    FsRead mine;
+    CHILD_CHECK(start_read(loop, &mine, p3.r) == 0);
+    CHILD_CHECK(p3.put("child"));
+    CHILD_CHECK(run_until(loop, [&] { return mine.calls > 0; }));
+    CHILD_CHECK(mine.data() == "child");
+    return 0;
+  }
+  Watch mine;
+  CHILD_CHECK(start_watch(loop, &mine, p3.r) == 0);
+  CHILD_CHECK(p3.put("child"));
+  CHILD_CHECK(run_until(loop, [&] { return mine.calls > 0; }));
+  CHILD_CHECK(mine.status == 0);
+  CHILD_CHECK(close_watch(&mine) == 0);
+  CHILD_CHECK(run_until(loop, [&] { return mine.closes == 1; }));
+  return 0;
+}
+
 // A loop whose parent has a file read (p1) and a started watcher (p2) in
 // flight when it forks.
 class ForkLoop : public ::testing::Test {
@@ -479,8 +504,21 @@ class ForkLoop : public ::testing::Test {
     ASSERT_EQ(start_read(&loop_, &read_, p1_.r), 0);
     ASSERT_EQ(start_watch(&loop_, &watch_, p2_.r), 0);
     rp_uv_run(&loop_, UV_RUN_NOWAIT);  // both are in the ring (or epoll) now
+    started_ = true;
     ASSERT_EQ(read_.calls, 0);
     ASSERT_EQ(watch_.calls, 0);
+  }
+
+  // What a failed test left is finished, so that neither the kernel nor a
+  // thread of libuv's pool holds the fixture's memory after it.
+  void TearDown() override {
+    if (!started_ || loop_closed_) return;
+    if (read_.calls == 0 && p1_.put("z")) run_until(&loop_, [&] { return read_.calls > 0; });
+    if (watch_.closes == 0) {
+      close_watch(&watch_);  // UV_EINVAL if it is closing already
+      run_until(&loop_, [&] { return watch_.closes > 0; });
+    }
+    rp_loop_close(&loop_);
   }
 
   // After the child: the parent's read completes exactly once with what is
@@ -502,6 +540,7 @@ class ForkLoop : public ::testing::Test {
     }
     EXPECT_EQ(watch_.closes, 1);
     EXPECT_EQ(rp_loop_close(&loop_), 0);
+    loop_closed_ = true;
   }
 
   // The child's copy of the read was in the parent's ring; on io_uring it must
@@ -514,6 +553,22 @@ class ForkLoop : public ::testing::Test {
   Pipe p1_, p2_;
   FsRead read_;
   Watch watch_;
+  bool started_ = false;
+  bool loop_closed_ = false;
+};
+
+// The same, for what only the ring has: skipped on the fallback before the
+// parent starts anything.
+class ForkLoopRing : public ForkLoop {
+ protected:
+  void SetUp() override {
+    if (!orphans_are_ours()) {
+      GTEST_SKIP() << "on the fallback rp_fs_read is libuv's uv_fs_read: its callback runs from "
+                      "libuv's thread pool queue, not from ringpark (see ForkDriver for the "
+                      "fallback's own completions)";
+    }
+    ForkLoop::SetUp();
+  }
 };
 
 // The child goes on with the inherited loop: uv_loop_fork (as libuv requires),
@@ -527,12 +582,7 @@ TEST_F(ForkLoop, ChildGoesOnWithTheInheritedLoop) {
               CHILD_CHECK(run_until(&loop_, [&] { return watch_.calls > 0; }));
               CHILD_CHECK(watch_.status == 0);
               // So does a new operation.
-              Pipe p3;
-              FsRead mine;
-              CHILD_CHECK(start_read(&loop_, &mine, p3.r) == 0);
-              CHILD_CHECK(p3.put("child"));
-              CHILD_CHECK(run_until(&loop_, [&] { return mine.calls > 0; }));
-              CHILD_CHECK(mine.data() == "child");
+              CHILD_CHECK(new_operation_works(&loop_) == 0);
               CHILD_CHECK(read_.calls == 0);  // the parent's read never completes here
               CHILD_CHECK(close_watch(&watch_) == 0);
               CHILD_CHECK(run_until(&loop_, [&] { return watch_.closes == 1; }));
@@ -559,12 +609,8 @@ TEST_F(ForkLoop, ChildClosesTheInheritedLoopAndMakesANewOne) {
               }
               uv_loop_t mine;
               CHILD_CHECK(uv_loop_init(&mine) == 0);
-              Pipe p3;
-              FsRead r3;
-              CHILD_CHECK(start_read(&mine, &r3, p3.r) == 0);
-              CHILD_CHECK(p3.put("child"));
+              CHILD_CHECK(new_operation_works(&mine) == 0);
               CHILD_CHECK(rp_uv_run(&mine, UV_RUN_DEFAULT) == 0);
-              CHILD_CHECK(r3.calls == 1 && r3.data() == "child");
               CHILD_CHECK(rp_loop_close(&mine) == 0);
               CHILD_CHECK(read_.calls == 0);
               return 0;
@@ -576,12 +622,7 @@ TEST_F(ForkLoop, ChildClosesTheInheritedLoopAndMakesANewOne) {
 // A read's callback forks. In the child the rest of that reap is the parent's:
 // the other read's callback must not run there (before the fix the child went
 // on dispatching the batch, and then reaped the parent's CQ).
-TEST_F(ForkLoop, ReadCallbackThatForks) {
-  if (!orphans_are_ours()) {
-    GTEST_SKIP() << "on the fallback rp_fs_read is libuv's uv_fs_read: its callback runs from "
-                    "libuv's thread pool queue, not from ringpark (see ForkDriver for the "
-                    "fallback's own completions)";
-  }
+TEST_F(ForkLoopRing, ReadCallbackThatForks) {
   struct Forking {
     FsRead first, second;
     pid_t child = -1;
@@ -612,12 +653,7 @@ TEST_F(ForkLoop, ReadCallbackThatForks) {
     auto child = [&]() -> int {
       CHILD_CHECK(f.second.calls == f.second_at_fork);
       CHILD_CHECK(uv_loop_fork(&loop_) == 0);
-      Pipe p3;
-      FsRead mine;
-      CHILD_CHECK(start_read(&loop_, &mine, p3.r) == 0);
-      CHILD_CHECK(p3.put("child"));
-      CHILD_CHECK(run_until(&loop_, [&] { return mine.calls > 0; }));
-      CHILD_CHECK(mine.data() == "child");
+      CHILD_CHECK(new_operation_works(&loop_) == 0);
       CHILD_CHECK(f.second.calls == f.second_at_fork);
       CHILD_CHECK(read_.calls == 0);
       return 0;
@@ -793,6 +829,119 @@ TEST(ForkServer, PreForkedWorkersServeOnTheirInheritedLoops) {
   }
   EXPECT_EQ(rp_loop_close(&loop), 0);
   ::close(listener);
+}
+
+// The same with rp_tcp_t, whose listener holds a multishot accept in the ring:
+// the workers' fresh rings accept after the fork. The parent closes its own
+// listener handle first: on io_uring an accept the parent left armed goes on
+// taking connections in the kernel (it runs as task work on the parent's next
+// syscall, whether or not the parent runs its loop), and the workers would
+// see none. (The fallback accepts only while the parent runs its loop.)
+struct TcpConn {
+  rp_tcp_t handle;
+  char buf[256];
+  rp_write_t write;
+};
+
+void tcp_alloc(rp_tcp_t* h, size_t, uv_buf_t* buf) {
+  auto* c = reinterpret_cast<TcpConn*>(h);
+  *buf = uv_buf_init(c->buf, sizeof c->buf);
+}
+
+void tcp_read(rp_tcp_t* h, ssize_t n, const uv_buf_t* buf) {
+  auto* c = reinterpret_cast<TcpConn*>(h);
+  if (n > 0) {
+    // One write in flight at a time is enough: the client waits for each echo.
+    uv_buf_t out = uv_buf_init(buf->base, static_cast<unsigned>(n));
+    rp_write(&c->write, h, &out, 1, [](rp_write_t*, int) {});
+  } else if (n < 0) {
+    ++*static_cast<int*>(h->data);
+    rp_close(h, [](rp_tcp_t* closed) { delete reinterpret_cast<TcpConn*>(closed); });
+  }
+}
+
+void tcp_connection(rp_tcp_t* server, int status) {
+  if (status != 0) return;
+  auto* c = new TcpConn;
+  rp_tcp_init(server->loop, &c->handle);
+  c->handle.data = server->data;  // the worker's count of served connections
+  if (rp_accept(server, &c->handle) != 0 || rp_read_start(&c->handle, &tcp_alloc, &tcp_read) != 0)
+    rp_close(&c->handle, [](rp_tcp_t* closed) { delete reinterpret_cast<TcpConn*>(closed); });
+}
+
+TEST(ForkServer, PreForkedRpTcpWorkersAcceptOnTheirOwnRings) {
+  constexpr int kWorkers = 2;
+  constexpr int kConnections = 12;
+  uv_loop_t loop;
+  ASSERT_EQ(uv_loop_init(&loop), 0);
+  rp_tcp_t server;
+  int served_here = 0;
+  server.data = &served_here;
+  ASSERT_EQ(rp_tcp_init(&loop, &server), 0);
+  sockaddr_in addr{};
+  ASSERT_EQ(uv_ip4_addr("127.0.0.1", 0, &addr), 0);
+  ASSERT_EQ(rp_tcp_bind(&server, reinterpret_cast<sockaddr*>(&addr), 0), 0);
+  int len = sizeof addr;
+  ASSERT_EQ(rp_tcp_getsockname(&server, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  ASSERT_EQ(rp_listen(&server, 64, &tcp_connection), 0);
+  rp_uv_run(&loop, UV_RUN_NOWAIT);  // the accept is in the parent's ring
+
+  Pipe control;
+  std::vector<pid_t> workers;
+  for (int i = 0; i < kWorkers; ++i) {
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      arm_child_alarm();
+      ::close(control.w);
+      control.w = -1;
+      auto serve = [&]() -> int {
+        CHILD_CHECK(uv_loop_fork(&loop) == 0);
+        Watch stop;
+        CHILD_CHECK(start_watch(&loop, &stop, control.r) == 0);
+        while (stop.calls == 0) rp_uv_run(&loop, UV_RUN_ONCE);
+        return 0;
+      };
+      const int code = serve();
+      std::fflush(nullptr);
+      ::_exit(code);
+    }
+    workers.push_back(pid);
+  }
+  // The parent stops accepting (see above), then acts as the client.
+  ASSERT_EQ(rp_close(&server, nullptr), 0);
+  {
+    Watchdog dog(5s, "the parent's rp_close of its listener");
+    while (rp_uv_run(&loop, UV_RUN_NOWAIT) != 0) std::this_thread::sleep_for(1ms);
+  }
+  int echoed = 0;
+  for (int i = 0; i < kConnections; ++i) {
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(fd, 0);
+    timeval tv{5, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    const std::string msg = "tcp " + std::to_string(i);
+    ASSERT_EQ(::send(fd, msg.data(), msg.size(), MSG_NOSIGNAL), static_cast<ssize_t>(msg.size()));
+    std::string got;
+    char buf[64];
+    while (got.size() < msg.size()) {
+      const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n <= 0) break;
+      got.append(buf, static_cast<size_t>(n));
+    }
+    ::close(fd);
+    EXPECT_EQ(got, msg) << "connection " << i << " got no echo (no worker accepted it?)";
+    if (got != msg) break;
+    ++echoed;
+  }
+  EXPECT_EQ(echoed, kConnections);
+  EXPECT_EQ(served_here, 0) << "the parent served connections itself";
+  ::close(control.w);
+  control.w = -1;
+  for (pid_t pid : workers) EXPECT_EQ(wait_child(pid), "exit 0");
+  EXPECT_EQ(rp_loop_close(&loop), 0);
 }
 
 }  // namespace
