@@ -217,8 +217,10 @@ struct rp_shutdown_s {
 };
 
 /* Initialises `handle` on `loop` without a socket (made by bind, connect or
- * listen, as in libuv). Returns 0, UV_EINVAL for null arguments, or UV_EMFILE
- * when the loop's ringpark state cannot be set up. Never blocks. */
+ * listen, as in libuv). Returns 0, UV_EINVAL for null arguments, UV_EBUSY for
+ * a handle that is live already (initialised and its close callback not run
+ * yet: nothing of it changes), or UV_EMFILE when the loop's ringpark state
+ * cannot be set up. Never blocks. */
 int rp_tcp_init(uv_loop_t* loop, rp_tcp_t* handle);
 /* Takes an existing connected (or connecting) socket, made non-blocking; the
  * handle owns it from then on and closes it in rp_close. Returns 0, UV_EBADF

@@ -407,7 +407,7 @@ int LoopContext::run(uv_run_mode mode) noexcept {
 int LoopContext::close_loop() noexcept {
   notice_fork();
   collect_abandoned();
-  if (busy() || !live_handles_.empty() || anonymous_handles_ > 0) return UV_EBUSY;
+  if (busy() || !live_handles_.empty()) return UV_EBUSY;
   stop_handles();
   for (auto& entry : extensions_) entry.second->stop();
   int r = real_uv_loop_close()(loop_);

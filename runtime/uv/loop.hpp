@@ -98,10 +98,6 @@ class LoopContext {
   // handle: refused, and nothing counted twice), or UV_ENOMEM. Loop thread.
   int handle_opened(const void* handle) noexcept;
   void handle_closed(const void* handle) noexcept { live_handles_.erase(handle); }
-  // The same without an address, for rp_tcp_t until it moves to the calls
-  // above: counted, with no check for a second init.
-  void handle_opened() noexcept { ++anonymous_handles_; }
-  void handle_closed() noexcept { --anonymous_handles_; }
 
   // Every entry point that reaches the chain through a context it holds (a
   // handle's) calls this first. Cheap (one relaxed load and a compare) unless
@@ -180,7 +176,6 @@ class LoopContext {
   std::uint64_t turns_ = 0;
   std::size_t libuv_accounted_ = 0;
   std::unordered_set<const void*> live_handles_;  // see handle_opened
-  std::size_t anonymous_handles_ = 0;
   template <typename T>
   static constexpr char kExtensionKey = 0;  // its address names part T
   std::vector<std::pair<const void*, std::unique_ptr<Extension>>> extensions_;

@@ -122,7 +122,10 @@ void unlink(TcpState* t) noexcept {
   t->prev = t->next = nullptr;
 }
 
+// The handle's context, first told to notice a fork (every entry point calls
+// this, so that a child never reaches the parent's chain).
 LoopContext* ctx_for(TcpState* t) noexcept {
+  t->ctx->notice_fork();
   if (t->s.life.in_flight() == 0) {
     // Idle: the loop may have a new context (closed with plain uv_loop_close
     // and made again at the same address).
@@ -175,7 +178,7 @@ void host_closed(st::Stream* s) noexcept {
   TcpState* t = of(s);
   rp_close_cb cb = t->close_cb;
   unlink(t);
-  t->ctx->handle_closed();
+  t->ctx->handle_closed(t->handle);
   // The user may free or reuse the handle from here on.
   if (cb) cb(t->handle);
 }
@@ -249,16 +252,19 @@ int rp_tcp_init(uv_loop_t* loop, rp_tcp_t* handle) {
   if (loop == nullptr || handle == nullptr) return UV_EINVAL;
   LoopContext* ctx = LoopContext::get(loop);
   if (ctx == nullptr) return UV_EMFILE;
+  // Refused before anything is written: the handle may be live (a second
+  // init), and then its state must stay as it is.
+  if (int err = ctx->handle_opened(handle); err != 0) return err;
   auto* t = new (handle->private_) TcpState;
   t->handle = handle;
   t->loop = loop;
   t->ctx = ctx;
   if (!link(ctx, t)) {
     t->magic = 0;
+    ctx->handle_closed(handle);
     return UV_ENOMEM;
   }
   st::init(&t->s, &ctx->chain().io(), &kHost, t);
-  ctx->handle_opened();
   handle->loop = loop;
   return 0;
 }
@@ -385,6 +391,7 @@ int rp_read_start(rp_tcp_t* handle, rp_alloc_cb alloc_cb, rp_read_cb read_cb) {
 int rp_read_stop(rp_tcp_t* handle) {
   TcpState* t = live(handle);
   if (t == nullptr) return UV_EINVAL;
+  t->ctx->notice_fork();
   st::read_stop(&t->s);
   return 0;
 }

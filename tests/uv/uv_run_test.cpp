@@ -668,4 +668,32 @@ TEST_F(UvRun, LoopCloseIsBusyWhileRingparkHandlesAreOpen) {
   close(efd);
 }
 
+TEST_F(UvRun, TcpInitOnALiveHandleIsRefusedAndCountedOnce) {
+  // Issue 8: a second rp_tcp_init of a live handle used to count it twice, so
+  // that rp_loop_close answered UV_EBUSY forever after its one close.
+  rp_tcp_t tcp;
+  ASSERT_EQ(rp_tcp_init(&loop_, &tcp), 0);
+  sockaddr_in any{};
+  uv_ip4_addr("127.0.0.1", 0, &any);
+  ASSERT_EQ(rp_tcp_bind(&tcp, reinterpret_cast<const sockaddr*>(&any), 0), 0);
+  uv_os_fd_t fd = -1;
+  ASSERT_EQ(rp_fileno(&tcp, &fd), 0);
+  EXPECT_EQ(rp_tcp_init(&loop_, &tcp), UV_EBUSY);
+  // Nothing of the live handle changed: it still has its socket.
+  uv_os_fd_t again = -1;
+  EXPECT_EQ(rp_fileno(&tcp, &again), 0);
+  EXPECT_EQ(again, fd);
+  int closes = 0;
+  tcp.data = &closes;
+  ASSERT_EQ(rp_close(&tcp, [](rp_tcp_t* t) { ++*static_cast<int*>(t->data); }), 0);
+  auto start = Clock::now();
+  while (closes == 0 && Clock::now() - start < std::chrono::seconds(5))
+    rp_uv_run(&loop_, UV_RUN_ONCE);
+  EXPECT_EQ(closes, 1);
+  // Closed: the memory may be initialised again, and the loop closes.
+  ASSERT_EQ(rp_tcp_init(&loop_, &tcp), 0);
+  ASSERT_EQ(rp_close(&tcp, nullptr), 0);
+  close_loop();
+}
+
 }  // namespace

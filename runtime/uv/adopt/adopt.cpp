@@ -94,12 +94,16 @@ uv_stream_t* as_stream(uv_tcp_t* h) noexcept { return reinterpret_cast<uv_stream
 uv_handle_t* as_handle(uv_tcp_t* h) noexcept { return reinterpret_cast<uv_handle_t*>(h); }
 Adopted* of(st::Stream* s) noexcept { return static_cast<Adopted*>(s->owner); }
 
-// The stream's Adopted block, or null when libuv owns the stream.
+// The stream's Adopted block, or null when libuv owns the stream. Its loop's
+// context has noticed a fork when this returns (every entry point comes here
+// first), so that a child never reaches the parent's ring.
 Adopted* adopted(uv_stream_t* stream) noexcept {
   if (stream == nullptr || stream->type != UV_TCP) return nullptr;
   auto* tcp = reinterpret_cast<uv_tcp_t*>(stream);
   auto* a = static_cast<Adopted*>(uv_private::adoption_slot(tcp));
-  return a != nullptr && a->magic == kMagic && a->handle == tcp ? a : nullptr;
+  if (a == nullptr || a->magic != kMagic || a->handle != tcp) return nullptr;
+  a->set->ctx->notice_fork();
+  return a;
 }
 
 // Mirrors the engine's view of the stream into libuv's flags.
@@ -466,10 +470,13 @@ void close(uv_handle_t* handle, uv_close_cb cb) noexcept {
     }
     return g_uv.close(handle, cb);
   }
+  uv_tcp_t* h = a->handle;
+  // Closing already: libuv asserts; nothing here may change the close under
+  // way (its callback stays the first one given).
+  if (h->flags & uf::kClosing) return;
   // What uv_close and uv__stream_close do at once, but the socket stays open
   // until the engine has nothing in flight on it; libuv's own close follows
   // then (host_closed).
-  uv_tcp_t* h = a->handle;
   h->flags |= uf::kClosing;
   h->close_cb = cb;
   a->close_cb = cb;
