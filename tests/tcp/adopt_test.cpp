@@ -672,12 +672,50 @@ TEST_F(Adopt, WalkSeesTheAdoptedHandles) {
   ASSERT_TRUE(run_until([&] { return peer->received == "x"; }));
 }
 
+// Data that a peer in another thread sends while the loop sleeps in
+// uv_run(DEFAULT) wakes it: the adopted stream's read completes in the ring,
+// and read_cb stops the loop. No ticking timer: a missed wake-up hangs, and
+// the watchdog turns that into a failure.
+TEST_F(Adopt, DataFromAnotherThreadWakesTheSleepingLoop) {
+  L* l = listen();
+  l->echo = false;
+  const int port = port_of(l);
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  const sockaddr_in to = loopback(port);
+  ASSERT_EQ(::connect(fd, sa(to), sizeof to), 0);  // the backlog completes it
+  ASSERT_TRUE(run_until([&] { return l->peers.size() == 1; }));
+  C* peer = l->peers[0];
+  ASSERT_EQ(close(l), 0);
+  ASSERT_TRUE(run_until([&] { return l->close_calls == 1; }));
+  peer->read = [this](C& c, ssize_t n, const uv_buf_t* buf) {
+    on_read(c, n, buf);
+    if (n > 0) uv_stop(&loop_);
+  };
+  for (int round = 0; round < 3; ++round) {
+    std::thread sender([fd] {
+      std::this_thread::sleep_for(50ms);
+      EXPECT_EQ(::send(fd, "ping", 4, MSG_NOSIGNAL), 4);
+    });
+    {
+      Watchdog dog(10s, "uv_run(DEFAULT) waiting for data from another thread");
+      EXPECT_NE(uv_run(&loop_, UV_RUN_DEFAULT), 0);  // stopped, the stream still active
+    }
+    sender.join();
+    EXPECT_EQ(peer->received.size(), 4u * (round + 1));
+  }
+  ::close(fd);
+}
+
 // ---- uv_stream_set_blocking --------------------------------------------------------------
 
 // A blocking stream is libuv's: adoption hands it back once nothing of it is
 // left in the ring, and reading and writing go on, in order, nothing lost.
 TEST_F(Adopt, SetBlockingHandsTheStreamBackToLibuvWithNothingLost) {
   auto [client, peer] = reading_pair();
+  // Non-blocking, as it is: nothing changes owners.
+  ASSERT_EQ(uv_stream_set_blocking(st(client), 0), 0);
+  EXPECT_EQ(AdoptedTcp::adopted(&client->h), adoption());
   // Small messages both ways (a blocking socket must never be asked for
   // more than it holds: libuv would block the loop).
   std::string to_peer, to_client;
