@@ -185,6 +185,7 @@ struct RpTcp {
   static int run(uv_loop_t* loop, uv_run_mode mode) { return rp_uv_run(loop, mode); }
   static int loop_close(uv_loop_t* loop) { return rp_loop_close(loop); }
   static int init(uv_loop_t* loop, Handle* h) { return rp_tcp_init(loop, h); }
+  static int open(Handle* h, int fd) { return rp_tcp_open(h, fd); }
   static int bind(Handle* h, const sockaddr* addr) { return rp_tcp_bind(h, addr, 0); }
   template <class L>
   static int listen(Handle* h, int backlog) {
@@ -239,6 +240,9 @@ struct RpTcp {
   static constexpr bool kFixedSuggestion = false;
   // A second rp_close is an error (libuv asserts).
   static constexpr bool kCloseTwiceIsAnError = true;
+  // rp_close cancels every write whose operation has not finished: a write
+  // issued just before it may end with UV_ECANCELED, its bytes unsent.
+  static constexpr bool kSmallWriteBeforeCloseIsSent = false;
 };
 
 struct AdoptedTcp {
@@ -259,6 +263,7 @@ struct AdoptedTcp {
   static int run(uv_loop_t* loop, uv_run_mode mode) { return uv_run(loop, mode); }
   static int loop_close(uv_loop_t* loop) { return uv_loop_close(loop); }
   static int init(uv_loop_t* loop, Handle* h) { return uv_tcp_init(loop, h); }
+  static int open(Handle* h, int fd) { return uv_tcp_open(h, fd); }
   static int bind(Handle* h, const sockaddr* addr) { return uv_tcp_bind(h, addr, 0); }
   template <class L>
   static int listen(Handle* h, int backlog) {
@@ -305,6 +310,11 @@ struct AdoptedTcp {
   static EndBuffer end_buffer(const ConnState&) { return EndBuffer::kFilled; }
   static constexpr bool kFixedSuggestion = true;
   static constexpr bool kCloseTwiceIsAnError = false;
+  // libuv writes at once inside uv_write when nothing is queued and the
+  // socket has room: a small write followed at once by uv_close has gone out,
+  // and its callback gets 0 (uv__stream_destroy runs the completed writes'
+  // callbacks with their status).
+  static constexpr bool kSmallWriteBeforeCloseIsSent = true;
 
   // Whether adoption holds the stream: it keeps its state in the stream's
   // queued_fds, a field libuv uses only for IPC pipes (runtime/uv/private.hpp,
@@ -326,7 +336,8 @@ struct Conn : ConnState {
   // Hooks a test may set; null: the harness's defaults.
   std::function<void(Conn&, std::size_t, uv_buf_t*)> alloc;
   std::function<void(Conn&, ssize_t, const uv_buf_t*)> read;
-  std::function<void()> on_closed;  // after close_calls is counted
+  std::function<void()> on_closed;               // after close_calls is counted
+  std::function<void(Conn&, int)> on_connected;  // in the connect callback
   // Whether read_start checks that the stream is adopted when the
   // configuration says adoption is on (AdoptedTcp only).
   bool expect_adoption = true;
@@ -334,6 +345,7 @@ struct Conn : ConnState {
   void complete(int status) {  // the connect callback
     ++connect_calls;
     connect_status = status;
+    if (on_connected) on_connected(*this, status);
   }
 };
 
