@@ -679,6 +679,17 @@ TYPED_TEST(TcpStream, CloseWithShutdownQueuedBehindAWrite) {
   uv_buf_t b = uv_buf_init(big.data(), static_cast<unsigned>(big.size()));
   ASSERT_EQ(
       this->write(client, &b, 1, [&](int st) { log.push_back("write:" + std::to_string(st)); }), 0);
+  // Two more queued behind the one in the kernel: the close ends those (not
+  // their ops), and the shutdown after them.
+  std::string small = "s";
+  uv_buf_t sb = uv_buf_init(small.data(), 1);
+  for (int i = 1; i <= 2; ++i) {
+    ASSERT_EQ(this->write(client, &sb, 1,
+                          [&log, i](int st) {
+                            log.push_back("q" + std::to_string(i) + ":" + std::to_string(st));
+                          }),
+              0);
+  }
   ASSERT_EQ(
       this->shutdown(client, [&](int st) { log.push_back("shutdown:" + std::to_string(st)); }), 0);
   this->run_for(30ms);
@@ -686,7 +697,7 @@ TYPED_TEST(TcpStream, CloseWithShutdownQueuedBehindAWrite) {
   ASSERT_EQ(this->close(client), 0);
   ASSERT_TRUE(this->run_until([&] { return client->close_calls > 0; }));
   const std::string c = std::to_string(UV_ECANCELED);
-  EXPECT_EQ(log, (std::vector<std::string>{"write:" + c, "shutdown:" + c}));
+  EXPECT_EQ(log, (std::vector<std::string>{"write:" + c, "q1:" + c, "q2:" + c, "shutdown:" + c}));
 }
 
 // Closed from inside read_cb in the middle of a stream whose bytes are still
