@@ -134,8 +134,6 @@ struct ConnState {
   const std::string* expect = nullptr;
   std::size_t got = 0;
   std::size_t mismatch = std::string::npos;
-
-  std::size_t bytes() const { return expect ? got : received.size(); }
 };
 
 // Which buffer comes with UV_EOF or a read error.
