@@ -507,14 +507,6 @@ TEST_F(Adopt, CallsOnAClosingHandleGiveLibuvsErrors) {
 // UV_EBADF and touch nothing; the close callback given to uv_close is the one
 // that runs.
 TEST_F(Adopt, SetBlockingAndCloseResetOnAClosingHandleAreEbadf) {
-  if (skip_for_known_bug(adoption(),
-                         "adoption keeps the socket open (and io_watcher.fd set) after uv_close "
-                         "until the ring has closed it: uv_stream_set_blocking and "
-                         "uv_tcp_close_reset on a closing adopted handle return 0 instead of "
-                         "UV_EBADF, make the socket blocking / set SO_LINGER on it, and "
-                         "uv_tcp_close_reset's uv_close replaces the pending close callback")) {
-    GTEST_SKIP() << "known bug of adoption, see the test's comment and the skip text";
-  }
   auto [client, peer] = reading_pair();
   ASSERT_EQ(close(client), 0);
   const uv_os_fd_t fd = client->h.io_watcher.fd;
@@ -581,13 +573,7 @@ int run_default_bounded(uv_loop_t* loop) {
 }
 
 // The bug the three tests below skip for, where adoption is on.
-constexpr const char* kRefBug =
-    "an unreferenced adopted stream keeps the loop alive: its multishot recv is an op in flight, "
-    "and LoopContext::busy() (runtime/uv/loop.cpp) references ringpark's hidden wake handle while "
-    "any op is in flight, so uv_loop_alive() is 1 and uv_run(UV_RUN_DEFAULT) never returns";
-
 TEST_F(Adopt, UnreferencedReadingStreamsDoNotKeepTheLoopAlive) {
-  if (skip_for_known_bug(adoption(), kRefBug)) GTEST_SKIP() << kRefBug;
   auto [client, peer] = reading_pair();
   EXPECT_EQ(uv_has_ref(hd(client)), 1);
   uv_unref(hd(client));
@@ -610,7 +596,6 @@ TEST_F(Adopt, UnreferencedReadingStreamsDoNotKeepTheLoopAlive) {
 // A referenced reading stream keeps uv_run(DEFAULT) going until uv_stop; its
 // return value then says the loop is still alive.
 TEST_F(Adopt, ReferencedReadingStreamKeepsTheLoopAlive) {
-  if (skip_for_known_bug(adoption(), kRefBug)) GTEST_SKIP() << kRefBug;
   auto [client, peer] = reading_pair();
   uv_unref(hd(peer));
   uv_timer_t stop;
@@ -638,7 +623,6 @@ TEST_F(Adopt, ReferencedReadingStreamKeepsTheLoopAlive) {
 // uv_run(DEFAULT) going, even with every handle unreferenced, until its
 // callback has run.
 TEST_F(Adopt, PendingWriteAndShutdownKeepTheLoopAlive) {
-  if (skip_for_known_bug(adoption(), kRefBug)) GTEST_SKIP() << kRefBug;
   auto [client, peer] = reading_pair();
   ASSERT_EQ(read_stop(peer), 0);
   uv_unref(hd(client));

@@ -656,20 +656,6 @@ class TcpTest : public ::testing::Test {
     }
   }
 
-  // A test that shows a bug of runtime/ skips with the bug's description
-  // where the bug applies (`applies`), so that the suite stays green until
-  // the fix lands; RINGPARK_TEST_KNOWN_BUGS=1 runs it anyway (and it fails).
-  // The fix removes the call.
-  static bool skip_for_known_bug(bool applies, const char* bug) {
-    if (!applies) return false;
-    const char* run = std::getenv("RINGPARK_TEST_KNOWN_BUGS");
-    if (run != nullptr && std::strcmp(run, "1") == 0) {
-      std::printf("known bug, running anyway: %s\n", bug);
-      return false;
-    }
-    return true;
-  }
-
   // ---- Driving the loop
 
   // Runs the loop until pred() holds or `limit` passes; returns pred(). A

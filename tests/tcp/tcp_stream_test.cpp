@@ -875,14 +875,6 @@ TYPED_TEST(TcpStream, ClosedFdNumberReusedSeesOnlyTheNewConnectionsData) {
 // read callback and returns: no ticking timer here, and a loop that slept
 // through the completion would hang (the watchdog makes that a failure).
 TYPED_TEST(TcpStream, RunOnceReturnsOnceTheReadCallbackRan) {
-  constexpr const char* kBug =
-      "uv_run(UV_RUN_ONCE) hangs after ringpark's completions ran in the hook when libuv's epoll "
-      "fd is readable only with a stale event (here the finished uv_tcp_connect's EPOLLOUT): "
-      "LoopContext::sleep_in_ring (runtime/uv/loop.cpp) breaks on reactor_->ready() before its "
-      "UV_RUN_ONCE check, so signal_wake() is skipped and libuv then polls with timeout -1";
-  if (this->skip_for_known_bug(std::is_same_v<TypeParam, AdoptedTcp> && this->adoption(), kBug)) {
-    GTEST_SKIP() << kBug;
-  }
   auto [client, peer] = this->quiet_pair();
   ASSERT_EQ(this->read_start(client), 0);
   ASSERT_EQ(this->write_copy(peer, "wake up"), 0);
