@@ -7,6 +7,8 @@
 // the stream fields most, checks the running version (runtime/uv/adopt/).
 #include "runtime/uv/private.hpp"
 
+#include <poll.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -134,10 +136,15 @@ void set_stream_fd(uv_stream_t* stream, int fd) noexcept { stream->io_watcher.fd
 bool stream_quiet(const uv_stream_t* stream) noexcept {
   const void* write_queue = &stream->write_queue;
   const void* completed = &stream->write_completed_queue;
+  const void* pending = &stream->io_watcher.pending_queue;
   return stream->connect_req == nullptr && stream->shutdown_req == nullptr &&
          stream->write_queue_size == 0 && stream->write_queue[0] == write_queue &&
          stream->write_completed_queue[0] == completed && stream->io_watcher.pevents == 0 &&
-         !shutting(stream);
+         stream->io_watcher.pending_queue[0] == pending && !shutting(stream);
+}
+
+bool stream_only_reading(const uv_stream_t* stream) noexcept {
+  return stream->io_watcher.pevents == POLLIN && (stream->flags & flags::kReading);
 }
 
 namespace {

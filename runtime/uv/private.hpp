@@ -77,6 +77,9 @@ void set_stream_fd(uv_stream_t* stream, int fd) noexcept;
 // no connect in progress, no write queued or owed a callback, no shutdown,
 // its fd watched for nothing (libuv neither reads nor writes it).
 bool stream_quiet(const uv_stream_t* stream) noexcept;
+// True when libuv reads the stream and its watcher waits for nothing else
+// (reading started before a connect completed).
+bool stream_only_reading(const uv_stream_t* stream) noexcept;
 // Whether a shutdown is pending, and marking it so, as the running libuv
 // version records it (1.44: a flag and shutdown_req; 1.45 on: shutdown_req).
 bool shutting(const uv_stream_t* stream) noexcept;

@@ -166,6 +166,30 @@ TEST_F(Adopt, ReadErrorClearsReadableAndWritableBeforeTheCallback) {
 // libuv sends handles only over IPC pipes: on a TCP stream uv_write2 with a
 // send handle is UV_EINVAL, queues nothing and never calls back, whether or
 // not writes are queued.
+// Many clients start reading right after uv_tcp_connect, before it completes:
+// libuv reads those streams. The first write after the connect hands the
+// stream to the ring (libuv's reading stops, the engine's starts with the
+// same callbacks), and nothing is lost or reordered on the way.
+TEST_F(Adopt, AStreamLibuvReadsIsTakenOverAtItsFirstWrite) {
+  L* l = listen();  // its peers echo
+  C* c = connect(port_of(l), /*wait=*/false);
+  c->expect_adoption = false;  // libuv reads it until the write below
+  ASSERT_EQ(read_start(c), 0);
+  ASSERT_TRUE(run_until([&] { return c->connect_calls > 0; }));
+  ASSERT_EQ(c->connect_status, 0);
+  EXPECT_FALSE(AdoptedTcp::adopted(&c->h));
+  EXPECT_TRUE(AdoptedTcp::libuv_watches(&c->h));
+  ASSERT_EQ(write_copy(c, "one,"), 0);
+  EXPECT_EQ(AdoptedTcp::adopted(&c->h), adoption());
+  ASSERT_EQ(write_copy(c, "two,"), 0);
+  ASSERT_TRUE(run_until([&] { return c->received.size() >= 8; }));
+  ASSERT_EQ(write_copy(c, "three"), 0);
+  ASSERT_TRUE(run_until([&] { return c->received.size() >= 13; }));
+  EXPECT_EQ(c->received, "one,two,three");
+  EXPECT_EQ(uv_is_active(hd(c)), 1);
+  EXPECT_EQ(c->write_errors, 0);
+}
+
 TEST_F(Adopt, Write2WithASendHandleIsEinvalAndQueuesNothing) {
   auto [client, peer] = reading_pair();
   std::string data = "not sent";

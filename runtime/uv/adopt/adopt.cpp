@@ -304,6 +304,39 @@ Adopted* try_adopt(uv_stream_t* stream) noexcept {
 
 LoopContext* ctx_of(Adopted* a) noexcept { return a->set->ctx; }
 
+// Starts the adopted stream's reading: what uv_read_start does to libuv's
+// handle, then the engine's read.
+void start_reading(Adopted* a, uv_alloc_cb alloc_cb, uv_read_cb read_cb) noexcept {
+  uv_tcp_t* h = a->handle;
+  h->flags = (h->flags | uf::kReading) & ~uf::kReadEof;
+  h->alloc_cb = alloc_cb;
+  h->read_cb = read_cb;
+  uv_private::handle_start(as_handle(h));
+  a->s.flags |= st::kReadable;  // libuv's flag says so, whatever the engine saw
+  a->s.flags &= ~st::kReading;
+  st::read_start(&a->s);
+}
+
+// A stream libuv already reads (its uv_read_start came before its connect
+// completed, as many clients do) is taken over at its first write: libuv's
+// reading stops (the socket keeps what it has not read), and the engine's
+// starts with the same callbacks. Null leaves it to libuv.
+Adopted* take_over_reading(uv_stream_t* stream) noexcept {
+  if (stream == nullptr || stream->type != UV_TCP || !uv_private::stream_only_reading(stream)) {
+    return nullptr;
+  }
+  uv_alloc_cb alloc_cb = stream->alloc_cb;
+  uv_read_cb read_cb = stream->read_cb;
+  g_uv.read_stop(stream);
+  Adopted* a = try_adopt(stream);
+  if (a == nullptr) {
+    g_uv.read_start(stream, alloc_cb, read_cb);  // libuv's as before
+    return nullptr;
+  }
+  start_reading(a, alloc_cb, read_cb);
+  return a;
+}
+
 }  // namespace
 
 void set_uv_stream_fns(const UvStreamFns& fns) noexcept { g_uv = fns; }
@@ -337,13 +370,7 @@ int read_start(uv_stream_t* stream, uv_alloc_cb alloc_cb, uv_read_cb read_cb) no
   if (h->flags & uf::kClosing) return UV_EINVAL;
   if (h->flags & uf::kReading) return UV_EALREADY;
   if (!(h->flags & uf::kReadable)) return UV_ENOTCONN;
-  h->flags = (h->flags | uf::kReading) & ~uf::kReadEof;
-  h->alloc_cb = alloc_cb;
-  h->read_cb = read_cb;
-  uv_private::handle_start(as_handle(h));
-  a->s.flags |= st::kReadable;  // libuv's flag says so, whatever the engine saw
-  a->s.flags &= ~st::kReading;
-  st::read_start(&a->s);
+  start_reading(a, alloc_cb, read_cb);
   ctx_of(a)->update_ref();
   return 0;
 }
@@ -368,6 +395,7 @@ int write2(uv_write_t* req, uv_stream_t* stream, const uv_buf_t bufs[], unsigned
   const bool valid = req != nullptr && bufs != nullptr && nbufs > 0;
   Adopted* a = adopted(stream);
   if (a == nullptr && valid) a = try_adopt(stream);
+  if (a == nullptr && valid) a = take_over_reading(stream);
   if (a == nullptr) return g_uv.write2(req, stream, bufs, nbufs, send_handle, cb);
   if (!valid) return UV_EINVAL;  // libuv asserts
   uv_tcp_t* h = a->handle;
