@@ -33,6 +33,7 @@ void FdLife::drain() noexcept {
     submit(&op_);
     return;
   }
+  closed_ = true;
   hooks_->closed(this);  // the owner may be gone from here on
 }
 
@@ -43,6 +44,7 @@ void FdLife::on_op(Op* op, int res, std::uint32_t) noexcept {
     // A close op that did not run leaves the descriptor open: close it here.
     if (res == -ECANCELED || res == -EOPNOTSUPP || res == -EINVAL) ::close(self->fd_);
     self->fd_ = -1;
+    self->closed_ = true;
     self->hooks_->closed(self);  // the owner may be gone from here on
     return;
   }
@@ -55,7 +57,7 @@ void FdLife::forget_in_flight(IoBackend* io) noexcept {
   in_flight_ = 0;
   op_.state = Op::State::idle;
   op_.next_ = op_.prev_ = nullptr;
-  if (closing_) {
+  if (closing_ && !closed_) {
     // The close was on its way in the old backend: do it again in this one.
     drained_ = false;
     op_.code = OpCode::nop;

@@ -100,6 +100,7 @@ class FdLife {
   bool owned_ = false;
   bool closing_ = false;
   bool drained_ = false;
+  bool closed_ = false;  // `closed` has run (or is running): nothing is left to do
   std::uint32_t in_flight_ = 0;
   std::size_t* shared_ = nullptr;  // see share_count()
   // The barrier nop of a close with nothing in flight, then the close op. The

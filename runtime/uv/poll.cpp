@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "ringpark.h"
+#include "runtime/stream/fd_life.hpp"
 #include "runtime/uv/loop.hpp"
 #include "runtime/uv/private.hpp"
 
@@ -72,13 +73,15 @@ struct Watcher {
   // third start while both are in flight waits for one (want_arm).
   Op ops[2];
   Op* armed = nullptr;  // the op carrying the current start; null when stopped
+  // The ops' count and the close (fd_life.hpp): the fd is the user's, so the
+  // close only waits for both ops' final completions.
+  FdLife life;
   rp_poll_cb cb = nullptr;
   rp_poll_close_cb close_cb = nullptr;
   unsigned mask = 0;  // poll(2) bits for the events asked for
   bool active = false;
   bool want_arm = false;
   bool closing = false;
-  bool close_queued = false;  // on PollSet::closed
   // Every watcher of the loop, from init to its release (PollSet::all_head).
   Watcher* all_prev = nullptr;
   Watcher* all_next = nullptr;
@@ -86,10 +89,6 @@ struct Watcher {
   bool listed = false;
   Watcher* prev = nullptr;
   Watcher* next = nullptr;
-
-  bool ops_idle() const noexcept {
-    return ops[0].state == Op::State::idle && ops[1].state == Op::State::idle;
-  }
 };
 
 // Ringpark's poll state for one loop: the recheck list, the watchers whose
@@ -216,8 +215,9 @@ void arm(Watcher* w) noexcept {
   op->flags = static_cast<int>(w->mask);
   op->complete = &on_complete;
   op->data = w;
-  // The op lives in the watcher, which is freed only once both ops are idle.
-  w->set->ctx->chain().io().submit(op);
+  // The op lives in the watcher, which is freed only after its FdLife's
+  // `closed`, when both ops are idle.
+  w->life.submit(op);
   w->armed = op;
 }
 
@@ -228,12 +228,23 @@ void stop(Watcher* w) noexcept {
   if (w->armed != nullptr) {
     // A request: the op stays ours until its final CQE; later CQEs of it are
     // not reported (it is no longer `armed`).
-    w->set->ctx->chain().io().cancel(w->armed);
+    w->life.io().cancel(w->armed);
     w->armed = nullptr;
   }
 }
 
-void queue_close(Watcher* w) noexcept {
+// FdLife's hooks. The close callback runs from the idle pass, like libuv's
+// from its closing phase, never from inside a completion.
+void cancel_all(FdLife* life) noexcept {
+  auto* w = static_cast<Watcher*>(life->owner());
+  stop(w);
+  for (Op& op : w->ops) {
+    if (op.state == Op::State::in_flight) life->io().cancel(&op);
+  }
+}
+
+void queue_close(FdLife* life) noexcept {
+  auto* w = static_cast<Watcher*>(life->owner());
   PollSet* set = w->set;
   try {
     set->closed.push_back(w);
@@ -241,9 +252,10 @@ void queue_close(Watcher* w) noexcept {
     std::fprintf(stderr, "ringpark: out of memory queueing a close callback\n");
     std::abort();
   }
-  w->close_queued = true;
   update_idle(set);
 }
+
+constexpr FdLife::Hooks kLifeHooks = {&cancel_all, nullptr, &queue_close};
 
 // Reports poll(2)/CQE readiness `revents` to the user, exactly as libuv's
 // uv__io_poll and uv__poll_io filter and map epoll's events.
@@ -275,6 +287,7 @@ void report(Watcher* w, unsigned revents) noexcept {
 void on_complete(Op* op, int res, std::uint32_t flags) noexcept {
   auto* w = static_cast<Watcher*>(op->data);
   const bool final = (flags & kMore) == 0;
+  if (final) w->life.ended();
   // CQEs of an op that was stopped, or replaced by a start with another mask,
   // are not reported: uv_poll_stop is "effective immediately".
   if (op == w->armed) {
@@ -298,7 +311,7 @@ void on_complete(Op* op, int res, std::uint32_t flags) noexcept {
   if (!final) return;
   // `op` is idle: it may carry a start that had to wait, or end a close.
   if (w->want_arm && w->active && w->armed == nullptr) arm(w);
-  if (w->closing && w->ops_idle()) queue_close(w);
+  w->life.settle();
 }
 
 void recheck(PollSet* set) noexcept {
@@ -367,10 +380,10 @@ void PollSet::after_fork() noexcept {
   for (Watcher* w = all_head; w != nullptr; w = w->all_next) {
     w->armed = nullptr;
     w->want_arm = false;
-    if (w->closing) {
-      // Its close waited for those ops' final completions, which will not come.
-      if (!w->close_queued) queue_close(w);
-    } else if (w->active) {
+    // A close that waited for those ops' final completions finishes in the
+    // new chain.
+    w->life.forget_in_flight(&ctx->chain().io());
+    if (!w->closing && w->active) {
       // Readiness that came meanwhile is reported: a new poll reports an fd
       // that is ready when it is armed. A listed watcher stays listed, and the
       // next recheck looks at it.
@@ -431,6 +444,8 @@ int rp_poll_init(uv_loop_t* loop, rp_poll_t* handle, int fd) {
   w->handle = handle;
   w->set = set;
   w->fd = fd;
+  w->life.init(&ctx->chain().io(), &kLifeHooks, w);
+  w->life.set_fd(fd, /*owned=*/false);
   ++set->watchers;
   set->link(w);
   handle->loop = loop;
@@ -468,11 +483,9 @@ int rp_poll_stop(rp_poll_t* handle) {
 int rp_poll_close(rp_poll_t* handle, rp_poll_close_cb cb) {
   Watcher* w = watcher_of(handle);
   if (w == nullptr || w->closing) return UV_EINVAL;
-  stop(w);
   w->closing = true;
   w->close_cb = cb;
-  // With an op still in flight, its final completion queues the close.
-  if (w->ops_idle()) queue_close(w);
+  w->life.close();
   w->set->ctx->update_ref();
   return 0;
 }
