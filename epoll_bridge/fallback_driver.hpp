@@ -96,6 +96,16 @@ class FallbackDriver final : public Park, public IoBackend {
   bool native(OpCode) noexcept override { return false; }
   // Nothing waits for a submission: ops start at the next park or turn.
   void flush() noexcept override {}
+  // The outer loop's side (IoBackend): the EpollReactor's fd, readable when
+  // readiness or pool results are pending; queued completions show through
+  // has_completions() and wake_outer(), which signals the reactor's wake fd.
+  bool waits_on_inner() const noexcept override { return inner_ != nullptr; }
+  int completion_fd() noexcept override { return epoll_.fd(); }
+  void set_completion_wake(bool) noexcept override {}
+  bool has_completions() const noexcept override { return has_work(); }
+  void wake_outer() noexcept override { unparker_.unpark(); }
+  void clear_outer_wake() noexcept override {}
+  Timeout next_deadline() const noexcept override { return next_timeout(); }
 
   // For an outer loop that embeds the fallback (libuv): the EpollReactor's fd,
   // readable when readiness or pool results are pending. Completions that need

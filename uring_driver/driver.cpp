@@ -1,6 +1,8 @@
 #include "uring_driver/driver.hpp"
 
 #include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -607,17 +609,42 @@ bool UringDriver::has_cqes() const noexcept {
          taskrun_pending();
 }
 
-int UringDriver::register_eventfd(int fd) noexcept {
+int UringDriver::completion_fd() noexcept {
+  if (completion_fd_ >= 0) return completion_fd_;
   if (closed_) return -EBADF;
   if (forked()) return -ECHILD;  // it would register with the parent's ring
-  return io_uring_register_eventfd(&ring_, fd);
+  const int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd < 0) return -errno;
+  if (int r = io_uring_register_eventfd(&ring_, fd); r < 0) {
+    ::close(fd);
+    return r;
+  }
+  completion_fd_ = fd;
+  return fd;
 }
 
-void UringDriver::set_eventfd_enabled(bool enabled) noexcept {
+void UringDriver::set_completion_wake(bool on) noexcept {
   // The flag lives in the CQ ring, which a forked child shares with the parent:
   // writing it there would turn the parent's notifications off.
-  if (closed_ || forked()) return;
-  io_uring_cq_eventfd_toggle(&ring_, enabled);
+  if (closed_ || forked() || completion_fd_ < 0) return;
+  io_uring_cq_eventfd_toggle(&ring_, on);
+}
+
+void UringDriver::wake_outer() noexcept {
+  if (completion_fd_ < 0) return;
+  std::uint64_t one = 1;
+  (void)!::write(completion_fd_, &one, sizeof one);
+}
+
+void UringDriver::clear_outer_wake() noexcept {
+  if (completion_fd_ < 0) return;
+  std::uint64_t value;
+  (void)!::read(completion_fd_, &value, sizeof value);
+}
+
+void UringDriver::close_completion_fd() noexcept {
+  if (completion_fd_ >= 0) ::close(completion_fd_);
+  completion_fd_ = -1;
 }
 
 void UringDriver::shutdown() noexcept {
@@ -641,6 +668,7 @@ void UringDriver::shutdown() noexcept {
   // still read buffers they hold until the driver is destroyed.
   if (buf_ring_) buf_ring_->unregister(&ring_);
   io_uring_queue_exit(&ring_);
+  close_completion_fd();
   closed_ = true;
 }
 
@@ -674,6 +702,7 @@ void UringDriver::abandon() noexcept {
   // fd, needs io_uring_register_ring_fd, which ringpark never calls. Unmapping
   // and closing affect this process only; the parent keeps its ring.
   io_uring_queue_exit(&ring_);
+  close_completion_fd();  // this process's fd only; the parent's stays registered
   shutting_down_ = true;
   closed_ = true;
 }

@@ -115,10 +115,15 @@ class UringDriver final : public Park, public IoBackend {
   // none when nothing is queued).
   void flush() noexcept override;
 
-  // Makes `fd` readable whenever CQEs are posted, for an outer poller (libuv's
-  // epoll) to wait on the ring; `enabled` toggles that without a syscall.
-  int register_eventfd(int fd) noexcept;
-  void set_eventfd_enabled(bool enabled) noexcept;
+  // The outer loop's side (IoBackend): an eventfd registered with the ring,
+  // which the kernel signals on every CQE while the wake is on (the CQ's
+  // eventfd flag, toggled without a syscall).
+  bool waits_on_inner() const noexcept override { return true; }
+  int completion_fd() noexcept override;
+  void set_completion_wake(bool on) noexcept override;
+  bool has_completions() const noexcept override { return has_cqes(); }
+  void wake_outer() noexcept override;
+  void clear_outer_wake() noexcept override;
   // CQEs to reap, or completions the kernel holds for this thread's next entry.
   bool has_cqes() const noexcept;
   bool has_sqes() const noexcept { return !closed_ && !forked() && io_uring_sq_ready(&ring_) > 0; }
@@ -131,6 +136,7 @@ class UringDriver final : public Park, public IoBackend {
 
  private:
   bool taskrun_pending() const noexcept;
+  void close_completion_fd() noexcept;
 
   struct Cqe {
     std::uint64_t user_data;
@@ -173,6 +179,7 @@ class UringDriver final : public Park, public IoBackend {
   // shutdown().
   Op wake_op_;
   std::uint64_t wake_buf_ = 0;
+  int completion_fd_ = -1;  // see completion_fd(); closed with the ring
   // The one-shot poll on the inner reactor's fd.
   Op reactor_op_;
   int reactor_fd_ = -1;  // the fd reactor_op_ was armed on

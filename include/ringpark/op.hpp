@@ -4,8 +4,10 @@
 // fields.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 
 struct iovec;
 struct sockaddr;
@@ -133,6 +135,33 @@ class IoBackend {
   virtual void recycle(std::uint16_t /*id*/) noexcept {}
   // The size of one provided buffer; 0 without them.
   virtual unsigned provided_buffer_size() const noexcept { return 0; }
+
+  // For an outer loop that sleeps in a poller of its own (libuv's epoll)
+  // while ops are in flight, and must wake for their completions.
+  //
+  // Whether the backend's own wait can also watch the outer loop's fd (the
+  // ring polls it from inside io_uring_enter); if not, the outer loop must
+  // sleep in its poller with completion_fd() in it.
+  virtual bool waits_on_inner() const noexcept = 0;
+  // An fd, owned by the backend, that is readable while completions wait to
+  // be reaped (while set_completion_wake(true), for the ring), or a negative
+  // errno. Made on first call. Loop thread.
+  virtual int completion_fd() noexcept = 0;
+  // Turns the signal on completion_fd() on or off, without a syscall where
+  // the backend can (a ring's CQ flag); completions that come while it is off
+  // are only found by has_completions().
+  virtual void set_completion_wake(bool on) noexcept = 0;
+  // Completions are waiting (reaped or not), or work the next turn would run.
+  virtual bool has_completions() const noexcept = 0;
+  // Makes completion_fd() readable now, and resets it after it was read.
+  virtual void wake_outer() noexcept = 0;
+  virtual void clear_outer_wake() noexcept = 0;
+  // The earliest deadline the backend keeps itself (the fallback's op
+  // timeouts), which the outer loop must not sleep past; nullopt for none
+  // (the ring's timeouts are the kernel's).
+  virtual std::optional<std::chrono::nanoseconds> next_deadline() const noexcept {
+    return std::nullopt;
+  }
 };
 
 }  // namespace ringpark::detail

@@ -149,40 +149,28 @@ void LoopContext::build_chain() {
       std::make_unique<UvReactor>(loop_, UvReactor::TurnMode::mark_ready, real_uv_run());
   UvReactor* reactor_ptr = reactor.get();
   auto chain = std::make_unique<Chain>(options_, std::move(reactor));
-  UringDriver* uring = chain->uring();
-  // io_uring: an eventfd the kernel signals on every CQE. The fallback: its
-  // epoll set, readable whenever ringpark has work (a dup, owned here, so that
-  // its number can outlive the chain).
-  int fresh = uring ? ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-                    : ::fcntl(chain->epoll().fd(), F_DUPFD_CLOEXEC, 0);
-  if (fresh < 0) throw std::system_error(errno, std::generic_category(), "wake fd");
-  const bool first = wake_fd_ < 0;
-  if (first) {
-    wake_fd_ = fresh;
-  } else {
+  IoBackend& io = chain->io();
+  // The backend's completion fd: on io_uring an eventfd the kernel signals on
+  // every CQE, on the fallback its epoll set, readable whenever ringpark has
+  // work. Watched through a number of our own (a dup), which can outlive the
+  // chain.
+  const int own = io.completion_fd();
+  if (own < 0) throw std::system_error(-own, std::generic_category(), "completion fd");
+  if (wake_fd_ < 0) {
+    wake_fd_ = ::fcntl(own, F_DUPFD_CLOEXEC, 0);
+    if (wake_fd_ < 0) throw std::system_error(errno, std::generic_category(), "wake fd");
+  } else if (::dup3(own, wake_fd_, O_CLOEXEC) < 0) {
     // After a fork: the fresh object goes onto the old number, which libuv's
     // hidden uv_poll_t (and libuv's own bookkeeping) name. The parent's eventfd
     // (or epoll set) is no longer reachable from here, so the child never reads
     // a wake meant for the parent; and when libuv registers the number in its
     // epoll set (uv_loop_fork makes it do so again) it gets the fresh object.
-    const int r = ::dup3(fresh, wake_fd_, O_CLOEXEC);
-    const int err = errno;
-    ::close(fresh);
-    if (r < 0) throw std::system_error(err, std::generic_category(), "dup3 of the wake fd");
+    throw std::system_error(errno, std::generic_category(), "dup3 of the wake fd");
   }
-  if (uring) {
-    if (int r = uring->register_eventfd(wake_fd_); r < 0) {
-      if (first) {
-        ::close(wake_fd_);  // the constructor throws: nobody else closes it
-        wake_fd_ = -1;
-      }
-      throw std::system_error(-r, std::generic_category(), "io_uring_register_eventfd");
-    }
-  }
-  eventfd_ = uring ? wake_fd_ : -1;
+  const bool fell_back = !io.native(OpCode::nop);
   chain_ = std::move(chain);
   reactor_ = reactor_ptr;
-  if (!uring && backend_from_env(options_.backend) != BackendChoice::epoll) {
+  if (fell_back && backend_from_env(options_.backend) != BackendChoice::epoll) {
     if (FallbackNotice notice = g_fallback_notice.load(std::memory_order_acquire)) {
       notice(chain_->fallback_reason().c_str());
     }
@@ -242,24 +230,18 @@ bool LoopContext::busy() noexcept {
 }
 
 void LoopContext::before_libuv_sleeps(bool libuv_may_block) noexcept {
-  if (UringDriver* uring = chain_->uring()) {
-    uring->flush();
-    // CQEs need to wake libuv only while its poll may block; otherwise the hook
-    // runs before the next poll and reaps them, and a stray signal would end
-    // the next sleep in the ring at once (libuv's epoll fd reads ready).
-    // Enable before looking at the CQ: a CQE posted after the look then
-    // signals it, one posted before is seen by the look.
-    uring->set_eventfd_enabled(libuv_may_block);
-    if (libuv_may_block && uring->has_cqes()) signal_wake();
-  }
-  Timeout next = chain_->timers().next_timeout();
-  if (FallbackDriver* fallback = chain_->fallback()) {
-    // Completions the fallback has queued do not show on its epoll fd.
-    if (libuv_may_block && fallback->has_work()) chain_->top().unparker().unpark();
-    next = min_timeout(next, fallback->next_timeout());
-  }
+  IoBackend& io = chain_->io();
+  io.flush();
+  // Completions need to wake libuv only while its poll may block; otherwise
+  // the hook runs before the next poll and reaps them, and a stray signal
+  // would end the next sleep in the ring at once (libuv's epoll fd reads
+  // ready). Enabled before looking: a completion that comes after the look
+  // then signals, one before is seen by the look (on the fallback, queued
+  // completions never show on its epoll fd by themselves).
+  io.set_completion_wake(libuv_may_block);
+  if (libuv_may_block && io.has_completions()) io.wake_outer();
   if (libuv_may_block && chain_->executor().has_work()) chain_->top().unparker().unpark();
-
+  const Timeout next = min_timeout(chain_->timers().next_timeout(), io.next_deadline());
   if (next) {
     auto ms = std::chrono::ceil<std::chrono::milliseconds>(*next).count();
     uv_timer_start(&deadline_, &LoopContext::on_deadline, static_cast<std::uint64_t>(ms), 0);
@@ -267,11 +249,6 @@ void LoopContext::before_libuv_sleeps(bool libuv_may_block) noexcept {
     uv_timer_stop(&deadline_);
   }
   update_ref();
-}
-
-void LoopContext::signal_wake() noexcept {
-  std::uint64_t one = 1;
-  (void)!::write(eventfd_, &one, sizeof one);
 }
 
 void LoopContext::update_ref() noexcept {
@@ -290,16 +267,15 @@ void LoopContext::update_ref() noexcept {
 }
 
 void LoopContext::sleep_in_ring() noexcept {
-  UringDriver* uring = chain_->uring();
   const unsigned generation = fork_generation_;
   // While the ring is where we sleep, CQEs need not signal libuv's side.
-  if (uring) uring->set_eventfd_enabled(false);
+  chain_->io().set_completion_wake(false);
   reactor_->clear_ready();
   for (;;) {
     // executor -> timer -> driver: the driver folds uv_backend_timeout into its
     // wait and "turns" the reactor (marks it ready) when libuv's epoll fd is
     // readable or libuv's next timer is due.
-    const std::uint64_t reaped = uring->stats().cqes_reaped;
+    const std::uint64_t reaped = chain_->stats().cqes_reaped;
     // Our wake handle is referenced only while ringpark is busy; once it is not,
     // uv_backend_timeout must see that (0 when nothing else is alive).
     update_ref();
@@ -309,18 +285,18 @@ void LoopContext::sleep_in_ring() noexcept {
     // look a whole sleep away, and fire up to twice late.
     uv_update_time(loop_);
     if (fork_generation() != generation) {
-      // A callback forked and this is the child: `uring` is the parent's. Go
+      // A callback forked and this is the child: the chain is the parent's. Go
       // back to libuv with the fresh chain (built here if no entry point in
       // the callback built it).
       notice_fork();
       break;
     }
-    if (mode_ == UV_RUN_ONCE && uring->stats().cqes_reaped != reaped) {
+    if (mode_ == UV_RUN_ONCE && chain_->stats().cqes_reaped != reaped) {
       // Ringpark callbacks ran: that is the progress ONCE waits for. Return to
       // libuv, whose poll must then not block: the eventfd makes it readable.
       // (Even when libuv's own fd is readable too: its event may be stale,
       // and then libuv would poll again, with no limit.)
-      signal_wake();
+      chain_->io().wake_outer();
       break;
     }
     if (reactor_->ready() || !(busy() || always_ring_)) break;
@@ -339,7 +315,7 @@ void LoopContext::on_prepare(uv_prepare_t* handle) {
   // sleeps and our epoll fd wakes it.
   const bool libuv_blocks = !self->running_ || self->mode_ == UV_RUN_DEFAULT ||
                             (self->mode_ == UV_RUN_ONCE && self->may_block_);
-  const bool may_sleep = self->chain_->uring() && self->running_ && libuv_blocks;
+  const bool may_sleep = self->chain_->io().waits_on_inner() && self->running_ && libuv_blocks;
   bool libuv_has_work = false;
   if (self->busy() || (may_sleep && self->always_ring_)) {
     if (may_sleep) {
@@ -368,10 +344,7 @@ void LoopContext::on_wake(uv_poll_t* handle, int, int) {
   // inherited one would eat a wake meant for the parent.
   self->notice_fork();
   self->collect_abandoned();
-  if (self->eventfd_ >= 0) {
-    std::uint64_t value;
-    (void)!::read(self->eventfd_, &value, sizeof value);
-  }
+  self->chain_->io().clear_outer_wake();
   self->chain_->top().turn();
   self->notice_fork();  // a callback may have forked
   // The prepare hook runs before libuv polls again and takes care of anything

@@ -147,7 +147,6 @@ class LoopContext {
   void start_handles() noexcept;
   void stop_handles() noexcept;
   void sleep_in_ring() noexcept;
-  void signal_wake() noexcept;  // makes the eventfd readable (io_uring only)
 
   static void on_prepare(uv_prepare_t* handle);
   static void on_wake(uv_poll_t* handle, int status, int events);
@@ -164,7 +163,6 @@ class LoopContext {
   // or a dup of the fallback's epoll fd. Its number never changes (after a fork
   // a fresh object is put on it with dup3), since libuv's uv_poll_t names it.
   int wake_fd_ = -1;
-  int eventfd_ = -1;  // wake_fd_ on io_uring (the kernel signals it on every CQE), else -1
   uv_prepare_t hook_;
   uv_poll_t wake_;
   uv_timer_t deadline_;
