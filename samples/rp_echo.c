@@ -363,8 +363,9 @@ static void print_stats(void) {
   if (echoed_messages > 0)
     printf(
         "%ld messages echoed: %.3f enters per message (io_uring_enter calls; "
-        "epoll_wait calls on the fallback)\n",
-        echoed_messages, (double)s.enters / (double)echoed_messages);
+        "epoll_wait calls on the fallback), %.3f SQEs per message\n",
+        echoed_messages, (double)s.enters / (double)echoed_messages,
+        (double)s.sqes_submitted / (double)echoed_messages);
 }
 
 static int usage(const char* argv0) {

@@ -25,16 +25,20 @@ void* map(std::size_t bytes) noexcept {
 }  // namespace
 
 int BufRing::create(io_uring* ring, unsigned entries, unsigned buf_size, std::uint16_t group,
-                    std::unique_ptr<BufRing>* out) noexcept {
+                    bool incremental, std::unique_ptr<BufRing>* out) noexcept {
   if (entries == 0 || entries > 32768 || (entries & (entries - 1)) != 0 || buf_size == 0)
     return -EINVAL;
   std::unique_ptr<BufRing> br(new (std::nothrow) BufRing);
   if (!br) return -ENOMEM;
   try {
-    br->held_.assign(entries, false);
+    br->slots_.assign(entries, Slot{});
+    br->free_.reserve(entries);
   } catch (...) {
     return -ENOMEM;
   }
+  // Buffer 0 first: the free list hands out its last entry.
+  for (unsigned id = entries; id-- > 0;) br->free_.push_back(static_cast<std::uint16_t>(id));
+  br->target_ = entries < kInitialInRing ? entries : kInitialInRing;
   br->entries_ = entries;
   br->buf_size_ = buf_size;
   br->mask_ = io_uring_buf_ring_mask(entries);
@@ -50,17 +54,23 @@ int BufRing::create(io_uring* ring, unsigned entries, unsigned buf_size, std::ui
   reg.ring_addr = reinterpret_cast<std::uintptr_t>(br->ring_);
   reg.ring_entries = entries;
   reg.bgid = group;
+  // liburing 2.3 calls the kernel's `flags` field `pad`. A kernel before 6.12
+  // refuses the flag with -EINVAL: then whole buffers it is.
+  reg.pad = incremental ? kPbufRingInc : 0;
   // The kernel pins the ring's pages; they stay mapped until the destructor,
   // which runs after unregister().
-  if (int r = io_uring_register_buf_ring(ring, &reg, 0); r < 0) return r;
-  br->registered_ = true;
-
-  // Every buffer to the kernel. The buffers stay mapped until the destructor.
-  for (unsigned id = 0; id < entries; ++id) {
-    io_uring_buf_ring_add(br->ring_, br->data(static_cast<std::uint16_t>(id)), buf_size,
-                          static_cast<unsigned short>(id), br->mask_, static_cast<int>(id));
+  int r = io_uring_register_buf_ring(ring, &reg, 0);
+  if (r == -EINVAL && incremental) {
+    reg.pad = 0;
+    r = io_uring_register_buf_ring(ring, &reg, 0);
   }
-  io_uring_buf_ring_advance(br->ring_, static_cast<int>(entries));
+  if (r < 0) return r;
+  br->registered_ = true;
+  br->incremental_ = reg.pad != 0;
+
+  // The first buffers to the kernel. Every buffer stays mapped until the
+  // destructor.
+  br->publish();
   *out = std::move(br);
   return 0;
 }
@@ -76,27 +86,57 @@ int BufRing::unregister(io_uring* ring) noexcept {
   return io_uring_unregister_buf_ring(ring, group_);
 }
 
-void BufRing::taken(std::uint16_t id) noexcept {
-  if (id >= entries_ || held_[id]) bad_id("named by a CQE while not in the ring", id);
-  held_[id] = true;
-  ++out_;
+void BufRing::add(std::uint16_t id) noexcept {
+  // Written past the tail the kernel sees; publish() moves the tail over it.
+  // The whole buffer again: the kernel moved an incremental entry's address
+  // and length along as it filled it.
+  io_uring_buf_ring_add(ring_, data(id), buf_size_, id, mask_, static_cast<int>(pending_));
+  ++pending_;
+  ++in_ring_;
+  slots_[id] = Slot{};
+  slots_[id].in_kernel = true;
+}
+
+char* BufRing::taken(std::uint16_t id, int res, std::uint32_t cqe_flags) noexcept {
+  if (id >= entries_ || !slots_[id].in_kernel) bad_id("named by a CQE while not in the ring", id);
+  Slot& s = slots_[id];
+  s.last = s.offset;
+  if (!incremental_) {
+    s.in_kernel = false;
+  } else {
+    if (res > 0) s.offset += static_cast<std::uint32_t>(res);
+    if (s.offset > buf_size_) bad_id("filled past its end", id);
+    // A CQE with no bytes consumed nothing, whatever its flags say (kernels
+    // before the fix of 3ecd3e03144b flag such a buffer done without moving
+    // past it): the kernel goes on filling it.
+    if (res > 0 && !(cqe_flags & kCqeFBufMore)) s.in_kernel = false;
+  }
+  if (!s.in_kernel) --in_ring_;
+  if (s.pieces++ == 0) ++out_;
+  return data(id) + s.last;
 }
 
 void BufRing::recycle(std::uint16_t id) noexcept {
-  if (id >= entries_ || !held_[id]) bad_id("recycled but not held", id);
-  held_[id] = false;
+  if (id >= entries_ || slots_[id].pieces == 0) bad_id("recycled but not held", id);
+  Slot& s = slots_[id];
+  if (--s.pieces > 0) return;
   --out_;
-  // Written past the tail the kernel sees; publish() moves the tail over it.
-  io_uring_buf_ring_add(ring_, data(id), buf_size_, id, mask_, static_cast<int>(pending_));
-  ++pending_;
+  if (s.in_kernel) return;  // the kernel goes on filling it
+  free_.push_back(id);      // never beyond entries_: reserved at create()
 }
 
+void BufRing::ran_dry() noexcept { target_ = target_ * 2 < entries_ ? target_ * 2 : entries_; }
+
 unsigned BufRing::publish() noexcept {
+  while (in_ring_ < target_ && !free_.empty()) {
+    add(free_.back());
+    free_.pop_back();
+  }
   const unsigned n = pending_;
   if (n == 0) return 0;
-  // A release store: the entries written by recycle() are visible to the
-  // kernel before the tail that covers them (pairs with the kernel's
-  // smp_load_acquire of the tail when it picks a buffer).
+  // A release store: the entries written by add() are visible to the kernel
+  // before the tail that covers them (pairs with the kernel's smp_load_acquire
+  // of the tail when it picks a buffer).
   io_uring_buf_ring_advance(ring_, static_cast<int>(n));
   pending_ = 0;
   return n;

@@ -101,7 +101,8 @@ UringDriver::UringDriver(Reactor* inner, const RingProbe& probe, const RingOptio
       inner_(inner),
       wake_(std::make_shared<WakeFd>(/*nonblocking=*/false)),
       buf_ring_entries_(recv_multishot_disabled_by_env() ? 0 : options.buf_ring_entries),
-      buf_ring_buf_size_(options.buf_ring_buf_size) {
+      buf_ring_buf_size_(options.buf_ring_buf_size),
+      buf_ring_incremental_(options.buf_ring_incremental) {
   wake_op_.code = OpCode::read;
   wake_op_.fd = wake_->fd();
   wake_op_.buf = &wake_buf_;
@@ -145,6 +146,7 @@ io_uring_sqe* UringDriver::get_sqe() noexcept {
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
   while (sqe == nullptr) {
     // SQ full: hand what is queued to the kernel and retry; never drop.
+    make_cq_room();
     ++stats_.enters;
     int r = io_uring_submit(&ring_);
     if (r > 0) stats_.sqes_submitted += static_cast<unsigned>(r);
@@ -314,7 +316,8 @@ bool UringDriver::ensure_buf_ring() noexcept {
     const auto page = static_cast<unsigned>(::sysconf(_SC_PAGESIZE));
     const unsigned smallest = page / sizeof(io_uring_buf);
     for (unsigned n = buf_ring_entries_;; n /= 2) {
-      r = BufRing::create(&ring_, n, buf_ring_buf_size_, kBufGroup, &buf_ring_);
+      r = BufRing::create(&ring_, n, buf_ring_buf_size_, kBufGroup, buf_ring_incremental_,
+                          &buf_ring_);
       if (r != -ENOMEM || n <= smallest) break;
     }
   }
@@ -330,12 +333,31 @@ bool UringDriver::ensure_buf_ring() noexcept {
 void UringDriver::return_buffers() noexcept {
   if (!buf_ring_) return;
   buf_ring_->publish();
-  if (starved_.empty() || buf_ring_->available() == 0 || shutting_down_) return;
+  if (starved_.empty() || shutting_down_) return;
   // The ring has buffers again: the recvs it starved go on where they stopped
-  // (the socket kept the bytes). get_sqe() may move CQEs aside but never runs
-  // a completion, so starved_ does not change under this loop.
-  for (Op* op : starved_) prepare(get_sqe(), op);
-  starved_.clear();
+  // (the socket kept the bytes), oldest first. Each takes a buffer as soon as
+  // the kernel sees it, so no more are re-armed than the ring has buffers not
+  // already promised to re-armed recvs whose first completion has not come
+  // yet: more would only starve again, an SQE and a CQE each for nothing. (With
+  // 3,000 sockets and 512 whole buffers, re-arming all of them whenever one
+  // buffer came back cost up to 9.3 SQEs per message; bounded so, each starved
+  // recv is re-armed once.) get_sqe() may move CQEs aside but never runs a
+  // completion, so starved_ does not change under this loop.
+  const std::size_t promised = rearmed_.size();
+  const std::size_t room =
+      buf_ring_->available() > promised ? buf_ring_->available() - promised : 0;
+  for (std::size_t n = std::min(starved_.size(), room); n > 0; --n) {
+    Op* op = starved_.front();
+    prepare(get_sqe(), op);
+    try {
+      rearmed_.insert(op);
+    } catch (...) {
+      std::fprintf(stderr, "ringpark: out of memory re-arming a starved recv\n");
+      std::abort();
+    }
+    starved_.pop_front();
+    ++stats_.multishot_rearms;
+  }
 }
 
 void UringDriver::cancel(Op* op) noexcept {
@@ -384,6 +406,7 @@ void UringDriver::arm_internal(bool watch_inner) noexcept {
 
 int UringDriver::enter(Timeout timeout) noexcept {
   return_buffers();
+  if (io_uring_sq_ready(&ring_) > 0) make_cq_room();
   const unsigned queued = io_uring_sq_ready(&ring_);
   const bool defer = probe_.setup_flags & IORING_SETUP_DEFER_TASKRUN;
   const bool ready = !deferred_.empty() || io_uring_cq_ready(&ring_) > 0;
@@ -429,9 +452,23 @@ std::size_t UringDriver::take_cqes(std::vector<Cqe>& out) noexcept {
   return n;
 }
 
-std::size_t UringDriver::reap() noexcept {
+void UringDriver::make_cq_room() noexcept {
+  // About to submit: what the kernel completes for these SQEs (and what
+  // arrives meanwhile) needs room in the CQ. A multishot op whose next CQE
+  // finds the CQ full is ended by the kernel, and re-arming it costs an SQE: a
+  // burst of sends to 3,000 loopback peers, submitted while the CQ still held
+  // the previous burst, ended a third of the multishot recvs that way. So the
+  // CQEs already posted move aside (16 bytes each), to be dispatched by the
+  // reap, before anything still in the CQ.
+  if (io_uring_cq_ready(&ring_) > 0) take_cqes(deferred_);
+}
+
+std::size_t UringDriver::dispatch_deferred() noexcept {
+  // Completions moved aside came off the CQ before anything still in it, so
+  // they run first. What they move aside meanwhile is newer than the rest of
+  // this batch and waits for the next one.
   std::size_t total = 0;
-  if (!deferred_.empty()) {
+  while (!deferred_.empty()) {
     std::vector<Cqe> pending;
     pending.swap(deferred_);
     for (const Cqe& c : pending) {
@@ -440,7 +477,20 @@ std::size_t UringDriver::reap() noexcept {
       if (forked()) return total;
       ++total;
     }
+    // Recycled buffers back to the kernel after every batch, not at the end of
+    // the pass: a pass under load can go on for thousands of completions.
+    return_buffers();
+    if (deferred_.empty()) {
+      pending.clear();
+      deferred_.swap(pending);  // keep the capacity
+    }
   }
+  return total;
+}
+
+std::size_t UringDriver::reap() noexcept {
+  std::size_t total = dispatch_deferred();
+  if (forked()) return total;
   for (;;) {
     // Copy a batch out and release the ring slots before running completions,
     // so a completion that re-enters the driver sees a consistent ring. The
@@ -470,8 +520,15 @@ std::size_t UringDriver::reap() noexcept {
       // are the parent's. Not one more access to the ring from here.
       if (forked()) return total;
     }
+    // One store to the buffer ring's tail for every buffer recycled in this
+    // batch. Not once per pass: a pass lasts as long as completions keep
+    // coming, and under load they always do (their own submissions, when the
+    // SQ fills, post more), so buffers recycled early in a pass would not
+    // reach the kernel before the ring ran dry.
+    return_buffers();
+    total += dispatch_deferred();
+    if (forked()) return total;
   }
-  // One store to the buffer ring's tail for every buffer recycled in this pass.
   return_buffers();
   return total;
 }
@@ -495,7 +552,7 @@ void UringDriver::dispatch(const Cqe& cqe) noexcept {
       std::fprintf(stderr, "ringpark: CQE names provided buffer %u without a buffer ring\n", id);
       std::abort();
     }
-    buf_ring_->taken(id);
+    buf_ring_->taken(id, res, cqe.flags);
     flags = kBuffer | (std::uint32_t{id} << kBufferIdShift);
   }
   // A recv that ends with 0 bytes reached the end of the stream: that one stays
@@ -506,6 +563,7 @@ void UringDriver::dispatch(const Cqe& cqe) noexcept {
     // The kernel ended a multishot op that nobody cancelled (CQ pressure, or a
     // kernel that only does one shot): re-arm it so the owner sees no gap.
     prepare(get_sqe(), op);
+    ++stats_.multishot_rearms;
     more = true;
   }
   if (!more) untrack(op);
@@ -513,6 +571,8 @@ void UringDriver::dispatch(const Cqe& cqe) noexcept {
 }
 
 bool UringDriver::recv_multishot_cqe(Op* op, const Cqe& cqe, int* res, bool* more) noexcept {
+  // A re-armed recv's first completion: it took its buffer (or found none).
+  if (!rearmed_.empty()) rearmed_.erase(op);
   if (cqe.res == -ENOBUFS) {
     // The buffer ring ran dry; the socket keeps its bytes. Nothing to report
     // while the op stays armed. (Only a kernel with multishot recv gets this far.)
@@ -520,6 +580,7 @@ bool UringDriver::recv_multishot_cqe(Op* op, const Cqe& cqe, int* res, bool* mor
     if (*more) return false;
     if (op->state == Op::State::in_flight && !shutting_down_) {
       ++stats_.buffers_ran_out;
+      buf_ring_->ran_dry();
       try {
         starved_.push_back(op);  // still in flight for its owner
       } catch (...) {
@@ -591,6 +652,7 @@ void UringDriver::flush() noexcept {
   return_buffers();
   const unsigned queued = io_uring_sq_ready(&ring_);
   if (queued == 0) return;
+  make_cq_room();
   ++stats_.enters;
   io_uring_submit(&ring_);
   stats_.sqes_submitted += queued - io_uring_sq_ready(&ring_);
@@ -692,6 +754,7 @@ void UringDriver::abandon() noexcept {
   user_in_flight_ = 0;
   deferred_.clear();
   starved_.clear();
+  rearmed_.clear();
   reactor_ready_ = false;
   // The registration is the parent ring's (IORING_UNREGISTER_PBUF_RING here
   // would take it from the parent); the memory is this process's own copy.

@@ -7,17 +7,24 @@
 //
 // Multishot recv and its provided buffers (OpCode::recv_multishot):
 // - the driver owns one provided buffer ring (group 0), registered the first
-//   time supports(OpCode::recv_multishot) or a submit of that op needs it;
+//   time supports(OpCode::recv_multishot) or a submit of that op needs it. Its
+//   memory is the same for 10 sockets as for 10,000: the kernel holds only as
+//   many buffers as the most bytes in flight at once have needed (BufRing);
 // - each completion with data names a buffer (kBuffer, buffer_id(flags)). The
-//   buffer is the kernel's from the moment it is in the ring until that CQE,
-//   then the op owner's: it reads provided_buffer(id), up to `res` bytes, and
-//   gives it back with recycle(id), at once or later. Recycled buffers reach
-//   the kernel in one store per reap pass. Every buffer stays mapped until the
-//   driver is destroyed (after shutdown() has reaped every op);
+//   bytes are the kernel's from the moment the buffer is in the ring until that
+//   CQE, then the op owner's: it reads provided_buffer(id) during the
+//   completion, up to `res` bytes (or keeps that pointer), and gives them back
+//   with recycle(id), at once or later. Where the kernel fills buffers
+//   incrementally (Linux 6.12) several completions may name one buffer, each
+//   for its own piece, and each piece is recycled once. Recycled buffers reach
+//   the kernel in one store per batch of completions. Every buffer stays mapped
+//   until the driver is destroyed (after shutdown() has reaped every op);
 // - when the ring runs dry the kernel ends the op with -ENOBUFS. The owner
-//   never sees that: the driver keeps the op in flight and re-arms it as soon
-//   as buffers are back, so the owner's stream goes on with no gap and no
-//   loss. Cancelling it meanwhile completes it with -ECANCELED as usual;
+//   never sees that: the driver keeps the op in flight and re-arms it once
+//   buffers are back (oldest first, no more at a time than the ring has
+//   buffers, so that a re-armed op does not starve again at once), and the
+//   owner's stream goes on with no gap and no loss. Cancelling it meanwhile
+//   completes it with -ECANCELED as usual;
 // - a kernel without multishot recv (before 6.0) refuses the first one with
 //   -EINVAL: the driver then turns the op off for good and completes that op
 //   with -EOPNOTSUPP, which tells the owner to fall back to plain recv.
@@ -26,8 +33,10 @@
 #include <liburing.h>
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "park/fork.hpp"
@@ -44,6 +53,9 @@ struct DriverStats {
   std::uint64_t sqes_submitted = 0;  // SQEs handed to the kernel
   std::uint64_t cqes_reaped = 0;     // CQEs taken off the ring
   std::uint64_t buffers_ran_out = 0;  // multishot recvs ended by an empty buffer ring, re-armed
+  // SQEs that re-armed a multishot op its owner did not ask to end (after
+  // -ENOBUFS, or when the kernel found the CQ full).
+  std::uint64_t multishot_rearms = 0;
 };
 
 class UringDriver final : public Park, public IoBackend {
@@ -89,13 +101,17 @@ class UringDriver final : public Park, public IoBackend {
   bool supports(OpCode code) noexcept;
   bool native(OpCode code) noexcept override { return supports(code); }
 
-  // The bytes of provided buffer `id`, named by a completion with kBuffer, for
-  // the op owner to read (up to that completion's `res`) until it recycles the
-  // buffer. Valid until the driver is destroyed.
-  char* provided_buffer(std::uint16_t id) const noexcept override { return buf_ring_->data(id); }
-  // Gives provided buffer `id` back; the kernel sees it at the end of the reap
-  // pass (or the next enter). Aborts for an id the owner does not hold. Loop
-  // thread only; never blocks.
+  // The bytes of the latest completion that named provided buffer `id` (with
+  // kBuffer), for the op owner to read (up to that completion's `res`) until it
+  // recycles them. A later completion naming the same buffer (incremental
+  // filling) changes what this returns, so an owner that keeps bytes past
+  // their completion keeps this pointer. The memory stays mapped until the
+  // driver is destroyed.
+  char* provided_buffer(std::uint16_t id) const noexcept override { return buf_ring_->piece(id); }
+  // Gives the bytes of one completion that named provided buffer `id` back;
+  // the kernel sees the buffer again after this batch of completions (or at
+  // the next enter) once it is done with it. Aborts for an id the owner holds
+  // nothing of. Loop thread only; never blocks.
   void recycle(std::uint16_t id) noexcept override { buf_ring_->recycle(id); }
   // Provided buffers held by op owners (0 without a buffer ring).
   unsigned provided_buffers_out() const noexcept { return buf_ring_ ? buf_ring_->out() : 0; }
@@ -109,6 +125,14 @@ class UringDriver final : public Park, public IoBackend {
   // The size of one provided buffer (0 without a buffer ring).
   unsigned provided_buffer_size() const noexcept override {
     return buf_ring_ ? buf_ring_->buf_size() : 0;
+  }
+  // Whether the kernel fills the provided buffers incrementally (see BufRing).
+  bool provided_buffers_incremental() const noexcept {
+    return buf_ring_ && buf_ring_->incremental();
+  }
+  // Provided buffers the kernel holds now (it gets more only when it runs dry).
+  unsigned provided_buffers_in_ring() const noexcept {
+    return buf_ring_ ? buf_ring_->available() : 0;
   }
 
   // Hands queued SQEs to the kernel without waiting or reaping (one enter, or
@@ -158,6 +182,8 @@ class UringDriver final : public Park, public IoBackend {
   int enter(Timeout timeout) noexcept;
   std::size_t reap() noexcept;
   std::size_t take_cqes(std::vector<Cqe>& out) noexcept;
+  void make_cq_room() noexcept;
+  std::size_t dispatch_deferred() noexcept;
   void dispatch(const Cqe& cqe) noexcept;
   bool recv_multishot_cqe(Op* op, const Cqe& cqe, int* res, bool* more) noexcept;
   bool ensure_buf_ring() noexcept;
@@ -193,11 +219,15 @@ class UringDriver final : public Park, public IoBackend {
   std::unique_ptr<BufRing> buf_ring_;
   unsigned buf_ring_entries_;
   unsigned buf_ring_buf_size_;
+  bool buf_ring_incremental_;
   Multishot recv_multishot_ = Multishot::untried;
   int recv_multishot_error_ = 0;  // why it is off
   // Multishot recvs ended by -ENOBUFS, still in flight for their owners, that
-  // return_buffers() re-arms once the ring has buffers again.
-  std::vector<Op*> starved_;
+  // return_buffers() re-arms, oldest first, once the ring has buffers again.
+  std::deque<Op*> starved_;
+  // Those re-armed whose first completion has not come yet: each will take a
+  // buffer the ring has now.
+  std::unordered_set<Op*> rearmed_;
   bool shutting_down_ = false;
   bool closed_ = false;
   DriverStats stats_;

@@ -19,12 +19,17 @@ struct RingOptions {
   // these on a kernel without DEFER_TASKRUN, get COOP_TASKRUN where it exists.
   bool defer_taskrun = false;
   // The provided buffer ring that OpCode::recv_multishot receives into,
-  // registered on first use: `buf_ring_entries` buffers (a power of two, at most
-  // 32768; 0 turns multishot recv off, as RINGPARK_RECV_MULTISHOT=0 in the
-  // environment does) of `buf_ring_buf_size` bytes. One CQE carries at most one
-  // buffer's worth of bytes.
+  // registered on first use: at most `buf_ring_entries` buffers (a power of
+  // two, at most 32768; 0 turns multishot recv off, as RINGPARK_RECV_MULTISHOT=0
+  // in the environment does) of `buf_ring_buf_size` bytes, of which the kernel
+  // holds only as many as the most bytes in flight have needed (BufRing). One
+  // CQE carries at most one buffer's worth of bytes.
   unsigned buf_ring_entries = 512;
   unsigned buf_ring_buf_size = 16 * 1024;
+  // Fill those buffers incrementally where the kernel can (IOU_PBUF_RING_INC,
+  // Linux 6.12): small messages then share a buffer instead of taking one
+  // each, so the ring holds 8 MiB of messages rather than 512 of them.
+  bool buf_ring_incremental = true;
 };
 
 struct RingProbe {

@@ -697,12 +697,14 @@ class UringDriverTest : public OpFixture<UringBackend>, public ::testing::Test {
     return true;
   }
   UringDriver& driver() { return *backend_->driver; }
-  // A ring whose provided buffer ring has `entries` buffers of `size` bytes;
+  // A ring whose provided buffer ring has `entries` buffers of `size` bytes,
+  // filled incrementally where the kernel can unless `incremental` is false;
   // false (with the reason) where the kernel lacks multishot recv.
-  bool open_ring_with_buffers(unsigned entries, unsigned size) {
+  bool open_ring_with_buffers(unsigned entries, unsigned size, bool incremental = true) {
     RingOptions options;
     options.buf_ring_entries = entries;
     options.buf_ring_buf_size = size;
+    options.buf_ring_incremental = incremental;
     if (std::string why = start(options); !why.empty()) {
       skip_reason_ = why;
       return false;
@@ -714,6 +716,7 @@ class UringDriverTest : public OpFixture<UringBackend>, public ::testing::Test {
     }
     return true;
   }
+  void empty_and_refill();
   bool all_done(const std::vector<TestOp*>& ops) const {
     return std::all_of(ops.begin(), ops.end(), [](const TestOp* op) { return op->done(); });
   }
@@ -723,8 +726,9 @@ class UringDriverTest : public OpFixture<UringBackend>, public ::testing::Test {
 
 #define OPEN_RING_OR_SKIP(...) \
   if (!open_ring(__VA_ARGS__)) GTEST_SKIP() << skip_reason_
-#define OPEN_RING_WITH_BUFFERS_OR_SKIP(entries, size) \
-  if (!open_ring_with_buffers(entries, size)) GTEST_SKIP() << skip_reason_
+#define OPEN_RING_WITH_BUFFERS_OR_SKIP(...) \
+  if (!open_ring_with_buffers(__VA_ARGS__)) GTEST_SKIP() << skip_reason_
+#define WHOLE_BUFFERS false
 
 // Bytes that show where they sit in the stream, so a lost, repeated or
 // reordered chunk shows up as a mismatch.
@@ -838,21 +842,24 @@ TEST_F(UringDriverTest, FullSubmissionQueueDropsNothing) {
 
 TEST_F(UringDriverTest, CompletionQueueOverflowLosesNothing) {
   OPEN_RING_OR_SKIP(8);
-  // 12 batches of 8 handed to the kernel without reaping: far more CQEs than
-  // the CQ (16 entries for an 8-entry ring) holds.
+  // 12 batches of 8 timeouts handed to the kernel, then not reaped until all
+  // have fired: far more CQEs than the CQ (16 entries for an 8-entry ring)
+  // holds. (The driver moves posted CQEs aside before it submits, so they
+  // must all come after the last submission to overflow it.)
   std::vector<TestOp*> ops;
   const detail::DriverStats before = driver().stats();
   for (int batch = 0; batch < 12; ++batch) {
-    for (int i = 0; i < 8; ++i) ops.push_back(&nop());
+    for (int i = 0; i < 8; ++i) ops.push_back(&timeout(50ms));
     driver().flush();
   }
+  std::this_thread::sleep_for(200ms);
   for (TestOp* op : ops) ASSERT_EQ(op->calls, 0);
   EXPECT_TRUE(driver().has_cqes());
   ASSERT_TRUE(run_until([&] { return all_done(ops); }));
   settle();
   for (TestOp* op : ops) {
     EXPECT_EQ(op->calls, 1);
-    EXPECT_EQ(op->res, 0);
+    EXPECT_EQ(op->res, -ETIME);
   }
   EXPECT_EQ(driver().stats().cqes_reaped - before.cqes_reaped, 96u);
 }
@@ -874,15 +881,20 @@ TEST_F(UringDriverTest, MultishotPollKeepsReportingAcrossCompletionQueueOverflow
 
   // Fill the CQ (16 entries) past the brim, then make the poll fire: a kernel
   // may end a multishot op it cannot post for, which the driver must hide by
-  // re-arming it.
+  // re-arming it. (Timeouts that fire after the last submission: the driver
+  // moves posted CQEs aside before it submits.)
   std::vector<TestOp*> nops;
   for (int batch = 0; batch < 3; ++batch) {
-    for (int i = 0; i < 8; ++i) nops.push_back(&nop());
+    for (int i = 0; i < 8; ++i) nops.push_back(&timeout(20ms));
     driver().flush();
   }
+  std::this_thread::sleep_for(100ms);
+  const std::uint64_t rearms = driver().stats().multishot_rearms;
   ASSERT_EQ(::write(w, "x", 1), 1);
   ASSERT_TRUE(run_until([&] { return poll.calls >= 1 && all_done(nops); }));
   ASSERT_FALSE(poll.done()) << "multishot poll ended by CQ overflow, res " << poll.res;
+  EXPECT_EQ(driver().stats().multishot_rearms - rearms, 1u)
+      << "the kernel did not end the poll: the test is weaker";
 
   ASSERT_EQ(::write(w, "y", 1), 1);
   ASSERT_TRUE(run_until([&] { return poll.calls >= 2; }));
@@ -959,8 +971,8 @@ TEST_F(UringDriverTest, NoBuffersConfiguredMeansNoMultishotRecv) {
   EXPECT_EQ(recv.res, -EOPNOTSUPP);
 }
 
-TEST_F(UringDriverTest, RecvMultishotGetsEachMessageInItsOwnBuffer) {
-  OPEN_RING_WITH_BUFFERS_OR_SKIP(16, 4096);
+TEST_F(UringDriverTest, RecvMultishotGetsEachMessageInItsOwnBufferWhenBuffersAreWhole) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(16, 4096, WHOLE_BUFFERS);
   int client, server;
   ASSERT_TRUE(tcp_pair(&client, &server));
   Receiver r(driver());
@@ -994,6 +1006,72 @@ TEST_F(UringDriverTest, RecvMultishotGetsEachMessageInItsOwnBuffer) {
   EXPECT_EQ(driver().in_flight(), 0u);
 }
 
+TEST_F(UringDriverTest, SmallMessagesShareOneBufferWhenFilledIncrementally) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(16, 4096);
+  if (!driver().provided_buffers_incremental()) {
+    GTEST_SKIP() << "this kernel fills provided buffers whole only (before Linux 6.12)";
+  }
+  int client, server;
+  ASSERT_TRUE(tcp_pair(&client, &server));
+  Receiver r(driver());
+  r.hold = true;
+  std::vector<const char*> pieces;
+  TestOp& recv = make(OpCode::recv_multishot);
+  recv.op.fd = server;
+  recv.then = [&](TestOp& op) {
+    if (op.flags & detail::kBuffer)
+      pieces.push_back(driver().provided_buffer(detail::buffer_id(op.flags)));
+    r.take(op);
+  };
+  io().submit(&recv.op);
+  const char* messages[] = {"one", "two!", "three", "four!!", "five!!!"};
+  for (int i = 0; i < 5; ++i) {
+    const std::string m = messages[i];
+    ASSERT_EQ(::send(client, m.data(), m.size(), MSG_NOSIGNAL), static_cast<ssize_t>(m.size()));
+    ASSERT_TRUE(run_until([&] { return recv.calls == i + 1; })) << "message " << i;
+    EXPECT_EQ(recv.res, static_cast<int>(m.size()));
+  }
+  EXPECT_EQ(r.bytes, "onetwo!threefour!!five!!!");
+  // One buffer, filled piece after piece; each piece stays readable while held.
+  for (std::uint16_t id : r.ids) EXPECT_EQ(id, r.ids[0]);
+  EXPECT_EQ(driver().provided_buffers_out(), 1u);
+  ASSERT_EQ(pieces.size(), 5u);
+  EXPECT_EQ(std::string(pieces[0], 25), "onetwo!threefour!!five!!!");
+  for (int i = 1; i < 5; ++i) EXPECT_EQ(pieces[i], pieces[i - 1] + std::strlen(messages[i - 1]));
+  r.recycle_all();  // one recycle per piece
+  EXPECT_EQ(driver().provided_buffers_out(), 0u);
+  io().cancel(&recv.op);
+  ASSERT_TRUE(run_until_done(recv));
+  EXPECT_EQ(recv.res, -ECANCELED);
+}
+
+// Receive buffers cost the same for many idle sockets as for a few: the
+// kernel holds a few buffers until bytes in flight need more.
+TEST_F(UringDriverTest, IdleSocketsTakeNoMoreBuffersThanAFew) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(512, 16 * 1024);
+  const unsigned few = driver().provided_buffers_in_ring();
+  EXPECT_LE(few, 32u);
+  std::vector<TestOp*> recvs;
+  for (int i = 0; i < 500; ++i) {
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    fds_.add(sv[0]);
+    fds_.add(sv[1]);
+    TestOp& recv = make(OpCode::recv_multishot);
+    recv.op.fd = sv[0];
+    io().submit(&recv.op);
+    recvs.push_back(&recv);
+  }
+  settle();
+  EXPECT_EQ(driver().provided_buffers_in_ring(), few);
+  EXPECT_EQ(driver().stats().buffers_ran_out, 0u);
+  for (TestOp* recv : recvs) {
+    EXPECT_EQ(recv->calls, 0);
+    io().cancel(&recv->op);
+  }
+  ASSERT_TRUE(run_until([&] { return all_done(recvs); }));
+}
+
 TEST_F(UringDriverTest, RecycledBuffersAreReused) {
   OPEN_RING_WITH_BUFFERS_OR_SKIP(4, 64);
   int client, server;
@@ -1020,13 +1098,13 @@ TEST_F(UringDriverTest, RecycledBuffersAreReused) {
   ASSERT_TRUE(run_until_done(recv));
 }
 
-TEST_F(UringDriverTest, EmptiedBufferRingIsRefilledAndNothingIsLost) {
-  OPEN_RING_WITH_BUFFERS_OR_SKIP(8, 4096);
+// A fast sender and a consumer that gives buffers back only once it holds
+// some of every one of them: the kernel empties the ring again and again. With
+// incremental filling a buffer goes back only once every piece of it does.
+void UringDriverTest::empty_and_refill() {
   int client, server;
   ASSERT_TRUE(tcp_pair(&client, &server));
   ASSERT_EQ(::fcntl(client, F_SETFL, O_NONBLOCK), 0);
-  // A fast sender and a consumer that gives buffers back only once it holds
-  // all of them: the kernel empties the ring again and again.
   const std::string data = pattern(2 * 1024 * 1024);
   Receiver r(driver());
   r.hold = true;
@@ -1039,18 +1117,33 @@ TEST_F(UringDriverTest, EmptiedBufferRingIsRefilledAndNothingIsLost) {
   while (r.bytes.size() < data.size() && sw.elapsed() < 20s && !recv.done()) {
     send_some(client, data, &sent);
     park().park(Duration(1ms));
-    if (r.held.size() == 8) r.recycle_all();
+    if (driver().provided_buffers_out() == 8) r.recycle_all();
   }
   ASSERT_FALSE(recv.done()) << "the recv ended, res " << recv.res;
   ASSERT_EQ(r.bytes.size(), data.size());
   EXPECT_TRUE(r.bytes == data) << "bytes lost, repeated or reordered";
   EXPECT_GT(driver().stats().buffers_ran_out, 0u) << "the ring never ran out: the test is weaker";
+  EXPECT_EQ(driver().stats().multishot_rearms, driver().stats().buffers_ran_out)
+      << "a starved recv was re-armed more than once";
   for (const auto& [res, flags] : recv.results) EXPECT_TRUE(flags & kMore) << "res " << res;
   r.recycle_all();
   io().cancel(&recv.op);
   ASSERT_TRUE(run_until_done(recv));
   EXPECT_EQ(recv.res, -ECANCELED);
   EXPECT_EQ(driver().provided_buffers_out(), 0u);
+}
+
+TEST_F(UringDriverTest, EmptiedBufferRingIsRefilledAndNothingIsLost) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(8, 4096, WHOLE_BUFFERS);
+  empty_and_refill();
+}
+
+TEST_F(UringDriverTest, EmptiedIncrementalBufferRingIsRefilledAndNothingIsLost) {
+  OPEN_RING_WITH_BUFFERS_OR_SKIP(8, 4096);
+  if (!driver().provided_buffers_incremental()) {
+    GTEST_SKIP() << "this kernel fills provided buffers whole only (before Linux 6.12)";
+  }
+  empty_and_refill();
 }
 
 TEST_F(UringDriverTest, CancelMidStreamEndsWithEcanceledAndLosesNoByte) {
