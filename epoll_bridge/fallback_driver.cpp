@@ -62,6 +62,7 @@ std::uint32_t interest(const Op& op) noexcept {
     case OpCode::poll_multishot:
       return static_cast<std::uint32_t>(op.flags) & kPollBits;
     case OpCode::send:
+    case OpCode::sendmsg:
     case OpCode::write:
     case OpCode::writev:
     case OpCode::connect:
@@ -215,8 +216,17 @@ void FallbackDriver::start(Record& r) noexcept {
     case OpCode::connect:
       return start_connect(r);
     case OpCode::recv_multishot:
-      // No provided buffers here: the owner falls back to plain recv.
+    case OpCode::recvmsg_multishot:
+      // No provided buffers here: the owner falls back to plain recv(msg).
       return finish(r, -EOPNOTSUPP);
+    case OpCode::recvmsg:
+      if (!drive(r, false)) wait_on(r, op->fd, EPOLLIN);
+      return;
+    case OpCode::sendmsg:
+      // Behind a datagram still waiting for room in the same socket, so that
+      // datagrams leave in the order they were submitted.
+      if (send_waits_before(r) || !drive(r, false)) wait_on(r, op->fd, EPOLLOUT);
+      return;
     case OpCode::read:
     case OpCode::write:
     case OpCode::readv:
@@ -360,6 +370,9 @@ int FallbackDriver::attempt(Record& r, bool ready) noexcept {
     case OpCode::recv:
     case OpCode::send:
       return attempt_stream(r);
+    case OpCode::recvmsg:
+    case OpCode::sendmsg:
+      return attempt_msg(r);
     case OpCode::accept:
     case OpCode::accept_multishot: {
       if (r.mode == IoMode::ready_first && !ready) return kWait;
@@ -410,6 +423,37 @@ int FallbackDriver::attempt_stream(Record& r) noexcept {
     if (!(op->flags & MSG_DONTWAIT)) return kWait;
   }
   return r.done > 0 ? static_cast<int>(r.done) : -err;
+}
+
+int FallbackDriver::attempt_msg(Record& r) noexcept {
+  Op* op = r.op;
+  // The msghdr and all it points at live until the op's final completion. As
+  // io_uring's, the call fills msg_namelen, msg_controllen and msg_flags.
+  auto* msg = static_cast<msghdr*>(op->buf);
+  const int flags = op->flags | MSG_DONTWAIT;
+  ssize_t n;
+  ++stats_.syscalls;
+  do {
+    // MSG_NOSIGNAL: io_uring's sendmsg never raises SIGPIPE either.
+    n = op->code == OpCode::recvmsg ? ::recvmsg(op->fd, msg, flags)
+                                    : ::sendmsg(op->fd, msg, flags | MSG_NOSIGNAL);
+  } while (n < 0 && errno == EINTR);
+  if (n >= 0) return static_cast<int>(n);
+  const int err = errno;
+  // The caller's own MSG_DONTWAIT means "do not wait", which io_uring honours.
+  if ((err == EAGAIN || err == EWOULDBLOCK) && !(op->flags & MSG_DONTWAIT)) return kWait;
+  return -err;
+}
+
+bool FallbackDriver::send_waits_before(const Record& r) const noexcept {
+  auto it = fds_.find(r.op->fd);
+  if (it == fds_.end()) return false;
+  // Records join an fd's list at its tail, so those before `r` (all of them,
+  // when `r` is not on it yet) were submitted earlier.
+  for (const Record* w = it->second.head; w != nullptr && w != &r; w = w->fd_next) {
+    if (w->op->code == OpCode::sendmsg) return true;
+  }
+  return false;
 }
 
 int FallbackDriver::attempt_rw(Record& r, bool ready) noexcept {
@@ -511,6 +555,8 @@ void FallbackDriver::on_ready(Record& r, std::uint32_t revents) noexcept {
     if (op->code == OpCode::poll) return finish(r, res);
     return queue(op, res, kMore);
   }
+  // A datagram behind one that still waits for room waits too: order kept.
+  if (op->code == OpCode::sendmsg && send_waits_before(r)) return;
   drive(r, true);  // finish() takes it off the fd's list when it is done
 }
 

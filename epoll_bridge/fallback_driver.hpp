@@ -191,6 +191,8 @@ class FallbackDriver final : public Park, public IoBackend {
   bool drive(Record& r, bool ready) noexcept;
   int attempt(Record& r, bool ready) noexcept;
   int attempt_stream(Record& r) noexcept;
+  int attempt_msg(Record& r) noexcept;
+  bool send_waits_before(const Record& r) const noexcept;
   int attempt_rw(Record& r, bool ready) noexcept;
   int attempt_connect(Record& r) noexcept;
   void on_ready(Record& r, std::uint32_t revents) noexcept;

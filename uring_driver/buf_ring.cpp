@@ -10,10 +10,11 @@ namespace ringpark::detail {
 
 namespace {
 
-void* map(std::size_t bytes) noexcept {
+void* map(std::size_t bytes, int flags = 0) noexcept {
   // Anonymous mappings are page-aligned and zeroed; pages the kernel never
   // writes into cost no memory.
-  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* p =
+      ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
   return p == MAP_FAILED ? nullptr : p;
 }
 
@@ -46,7 +47,9 @@ int BufRing::create(io_uring* ring, unsigned entries, unsigned buf_size, std::ui
   br->ring_bytes_ = entries * sizeof(io_uring_buf);
   br->base_bytes_ = static_cast<std::size_t>(entries) * buf_size;
   br->ring_ = static_cast<io_uring_buf_ring*>(map(br->ring_bytes_));
-  br->base_ = static_cast<char*>(map(br->base_bytes_));
+  // Nor are they counted against the commit limit before they are written:
+  // most of the buffers of a big ring are never used.
+  br->base_ = static_cast<char*>(map(br->base_bytes_, MAP_NORESERVE));
   if (br->ring_ == nullptr || br->base_ == nullptr) return -ENOMEM;  // the destructor unmaps
 
   io_uring_buf_ring_init(br->ring_);

@@ -4,7 +4,6 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 #include <sys/socket.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -35,6 +34,9 @@ unsigned uring_opcode(OpCode code) noexcept {
     case OpCode::recv:
     case OpCode::recv_multishot: return IORING_OP_RECV;
     case OpCode::send: return IORING_OP_SEND;
+    case OpCode::recvmsg:
+    case OpCode::recvmsg_multishot: return IORING_OP_RECVMSG;
+    case OpCode::sendmsg: return IORING_OP_SENDMSG;
     case OpCode::accept:
     case OpCode::accept_multishot: return IORING_OP_ACCEPT;
     case OpCode::connect: return IORING_OP_CONNECT;
@@ -55,11 +57,12 @@ unsigned uring_opcode(OpCode code) noexcept {
 
 bool is_multishot(OpCode code) noexcept {
   return code == OpCode::poll_multishot || code == OpCode::accept_multishot ||
-         code == OpCode::recv_multishot;
+         code == OpCode::recv_multishot || code == OpCode::recvmsg_multishot;
 }
 
-// The buffer group of the driver's provided buffer ring.
-constexpr std::uint16_t kBufGroup = 0;
+// The buffer groups of the driver's provided buffer rings.
+constexpr std::uint16_t kStreamGroup = 0;
+constexpr std::uint16_t kDgramGroup = 1;
 
 // RINGPARK_RECV_MULTISHOT=0 turns multishot recv off (for comparisons, and
 // for a kernel whose implementation misbehaves).
@@ -100,9 +103,11 @@ UringDriver::UringDriver(Reactor* inner, const RingProbe& probe, const RingOptio
     : probe_(probe),
       inner_(inner),
       wake_(std::make_shared<WakeFd>(/*nonblocking=*/false)),
-      buf_ring_entries_(recv_multishot_disabled_by_env() ? 0 : options.buf_ring_entries),
-      buf_ring_buf_size_(options.buf_ring_buf_size),
-      buf_ring_incremental_(options.buf_ring_incremental) {
+      stream_(kStreamGroup, recv_multishot_disabled_by_env() ? 0 : options.buf_ring_entries,
+              options.buf_ring_buf_size, options.buf_ring_incremental),
+      // Never incremental: a datagram must not be cut at a buffer's end.
+      dgram_(kDgramGroup, recv_multishot_disabled_by_env() ? 0 : options.dgram_ring_entries,
+             options.dgram_ring_buf_size, /*incremental=*/false) {
   wake_op_.code = OpCode::read;
   wake_op_.fd = wake_->fd();
   wake_op_.buf = &wake_buf_;
@@ -210,7 +215,24 @@ void UringDriver::prepare(io_uring_sqe* sqe, Op* op) noexcept {
       // each chunk, and that ring lives until the driver is destroyed.
       io_uring_prep_recv_multishot(sqe, op->fd, nullptr, 0, op->flags);
       sqe->flags |= IOSQE_BUFFER_SELECT;
-      sqe->buf_group = kBufGroup;
+      sqe->buf_group = kStreamGroup;
+      break;
+    case OpCode::recvmsg:
+      io_uring_prep_recvmsg(sqe, op->fd, static_cast<msghdr*>(op->buf),
+                            static_cast<unsigned>(op->flags));
+      break;
+    case OpCode::recvmsg_multishot:
+      // The msghdr says how much room each buffer keeps for the address and
+      // control messages; the datagrams go into the driver's datagram ring.
+      // MSG_TRUNC: the header then carries a cut datagram's real length.
+      io_uring_prep_recvmsg_multishot(sqe, op->fd, static_cast<msghdr*>(op->buf),
+                                      static_cast<unsigned>(op->flags | MSG_TRUNC));
+      sqe->flags |= IOSQE_BUFFER_SELECT;
+      sqe->buf_group = kDgramGroup;
+      break;
+    case OpCode::sendmsg:
+      io_uring_prep_sendmsg(sqe, op->fd, static_cast<const msghdr*>(op->buf),
+                            static_cast<unsigned>(op->flags));
       break;
     case OpCode::send:
       io_uring_prep_send(sqe, op->fd, op->buf, op->len, op->flags);
@@ -296,77 +318,42 @@ void UringDriver::submit(Op* op) noexcept {
 }
 
 bool UringDriver::supports(OpCode code) noexcept {
-  if (code == OpCode::recv_multishot) return ensure_buf_ring();
+  if (BufferGroup* group = group_of(code)) return ensure_group(*group, uring_opcode(code));
   return probe_.has(uring_opcode(code));
 }
 
-bool UringDriver::ensure_buf_ring() noexcept {
-  if (recv_multishot_ != Multishot::untried) return recv_multishot_ != Multishot::off;
-  // Registering in a forked child would register with the parent's ring.
-  if (closed_ || shutting_down_ || forked()) return false;
-  // Decided by trying, once: a kernel without provided buffer rings (before
-  // 5.19) refuses the registration with -EINVAL; the locked-memory limit gives
-  // -ENOMEM. The kernel pins the ring itself (16 bytes a buffer), not the
-  // buffers, so on -ENOMEM a smaller ring is tried, down to one page of it
-  // (256 buffers with 4 KiB pages): a smaller one pins the same page. If even
-  // that fails, multishot recv is off and streams use plain recv; the loop
-  // itself is not affected.
-  int r = -EOPNOTSUPP;
-  if (buf_ring_entries_ > 0 && probe_.has(IORING_OP_RECV)) {
-    const auto page = static_cast<unsigned>(::sysconf(_SC_PAGESIZE));
-    const unsigned smallest = page / sizeof(io_uring_buf);
-    for (unsigned n = buf_ring_entries_;; n /= 2) {
-      r = BufRing::create(&ring_, n, buf_ring_buf_size_, kBufGroup, buf_ring_incremental_,
-                          &buf_ring_);
-      if (r != -ENOMEM || n <= smallest) break;
-    }
-  }
-  if (r < 0) {
-    recv_multishot_ = Multishot::off;
-    recv_multishot_error_ = r;
-    return false;
-  }
-  recv_multishot_ = Multishot::unconfirmed;
-  return true;
+BufferGroup* UringDriver::group_of(OpCode code) noexcept {
+  if (code == OpCode::recv_multishot) return &stream_;
+  if (code == OpCode::recvmsg_multishot) return &dgram_;
+  return nullptr;
+}
+
+bool UringDriver::ensure_group(BufferGroup& group, unsigned plain_op) noexcept {
+  // No registration on a ring that is going away (the answer stays open), nor
+  // in a forked child: it would register with the parent's ring.
+  if (!group.ring() && (closed_ || shutting_down_ || forked())) return false;
+  return group.ensure(&ring_, probe_.has(plain_op));
 }
 
 void UringDriver::return_buffers() noexcept {
-  if (!buf_ring_) return;
-  buf_ring_->publish();
-  if (starved_.empty() || shutting_down_) return;
-  // The ring has buffers again: the recvs it starved go on where they stopped
-  // (the socket kept the bytes), oldest first. Each takes a buffer as soon as
-  // the kernel sees it, so no more are re-armed than the ring has buffers not
-  // already promised to re-armed recvs whose first completion has not come
-  // yet: more would only starve again, an SQE and a CQE each for nothing. (With
-  // 3,000 sockets and 512 whole buffers, re-arming all of them whenever one
-  // buffer came back cost up to 9.3 SQEs per message; bounded so, each starved
-  // recv is re-armed once.) get_sqe() may move CQEs aside but never runs a
-  // completion, so starved_ does not change under this loop.
-  const std::size_t promised = rearmed_.size();
-  const std::size_t room =
-      buf_ring_->available() > promised ? buf_ring_->available() - promised : 0;
-  for (std::size_t n = std::min(starved_.size(), room); n > 0; --n) {
-    Op* op = starved_.front();
+  // Recycled buffers back to the kernel, and the receives they starved
+  // re-armed where they stopped (see BufferGroup). prepare() via get_sqe() may
+  // move CQEs aside but never runs a completion.
+  const auto rearm = [this](Op* op) noexcept {
     prepare(get_sqe(), op);
-    try {
-      rearmed_.insert(op);
-    } catch (...) {
-      std::fprintf(stderr, "ringpark: out of memory re-arming a starved recv\n");
-      std::abort();
-    }
-    starved_.pop_front();
     ++stats_.multishot_rearms;
-  }
+  };
+  stream_.return_buffers(!shutting_down_, rearm);
+  dgram_.return_buffers(!shutting_down_, rearm);
 }
 
 void UringDriver::cancel(Op* op) noexcept {
   // In a forked child the op is the parent's to cancel; here abandon() forgets it.
   if (op->state != Op::State::in_flight || closed_ || forked()) return;
   op->state = Op::State::cancelling;
-  if (auto it = std::find(starved_.begin(), starved_.end(), op); it != starved_.end()) {
+  BufferGroup* group = group_of(op->code);
+  if (group != nullptr && group->forget_starved(op)) {
     // Not in the kernel: it ends here, from the next reap.
-    starved_.erase(it);
     try {
       deferred_.push_back({reinterpret_cast<std::uint64_t>(op), -ECANCELED, 0});
     } catch (...) {
@@ -543,21 +530,29 @@ void UringDriver::dispatch(const Cqe& cqe) noexcept {
   }
   bool more = cqe.flags & IORING_CQE_F_MORE;
   int res = cqe.res;
-  if (op->code == OpCode::recv_multishot && !recv_multishot_cqe(op, cqe, &res, &more)) return;
+  BufferGroup* group = group_of(op->code);
+  if (group != nullptr) {
+    const bool live = op->state == Op::State::in_flight && !shutting_down_;
+    switch (group->classify(op, &res, more, live)) {
+      case BufferGroup::Verdict::deliver: break;
+      case BufferGroup::Verdict::drop: return;
+      case BufferGroup::Verdict::starved: ++stats_.buffers_ran_out; return;
+    }
+  }
   std::uint32_t flags = 0;
   if (cqe.flags & IORING_CQE_F_BUFFER) {
     // The buffer is the owner's from here until it recycles it.
     const auto id = static_cast<std::uint16_t>(cqe.flags >> IORING_CQE_BUFFER_SHIFT);
-    if (!buf_ring_) {
+    if (group == nullptr || group->ring() == nullptr) {
       std::fprintf(stderr, "ringpark: CQE names provided buffer %u without a buffer ring\n", id);
       std::abort();
     }
-    buf_ring_->taken(id, res, cqe.flags);
+    group->ring()->taken(id, res, cqe.flags);
     flags = kBuffer | (std::uint32_t{id} << kBufferIdShift);
   }
   // A recv that ends with 0 bytes reached the end of the stream: that one stays
-  // ended.
-  const bool ended_ok = op->code == OpCode::recv_multishot ? res > 0 : res >= 0;
+  // ended. (A datagram's result always counts its header, so it is > 0.)
+  const bool ended_ok = group != nullptr ? res > 0 : res >= 0;
   if (!more && is_multishot(op->code) && ended_ok && op->state == Op::State::in_flight &&
       !shutting_down_) {
     // The kernel ended a multishot op that nobody cancelled (CQ pressure, or a
@@ -570,40 +565,28 @@ void UringDriver::dispatch(const Cqe& cqe) noexcept {
   op->complete(op, res, flags | (more ? kMore : 0));
 }
 
-bool UringDriver::recv_multishot_cqe(Op* op, const Cqe& cqe, int* res, bool* more) noexcept {
-  // A re-armed recv's first completion: it took its buffer (or found none).
-  if (!rearmed_.empty()) rearmed_.erase(op);
-  if (cqe.res == -ENOBUFS) {
-    // The buffer ring ran dry; the socket keeps its bytes. Nothing to report
-    // while the op stays armed. (Only a kernel with multishot recv gets this far.)
-    if (recv_multishot_ == Multishot::unconfirmed) recv_multishot_ = Multishot::works;
-    if (*more) return false;
-    if (op->state == Op::State::in_flight && !shutting_down_) {
-      ++stats_.buffers_ran_out;
-      buf_ring_->ran_dry();
-      try {
-        starved_.push_back(op);  // still in flight for its owner
-      } catch (...) {
-        std::fprintf(stderr, "ringpark: out of memory holding a starved recv\n");
-        std::abort();
-      }
-      return false;
-    }
-    *res = -ECANCELED;  // it was being cancelled: that is how it ends
-    return true;
+bool UringDriver::datagram(const Op& op, int res, std::uint32_t flags,
+                           Datagram* out) const noexcept {
+  if (!(flags & kBuffer) || res <= 0 || dgram_.ring() == nullptr || op.buf == nullptr) return false;
+  // The buffer: struct io_uring_recvmsg_out, then the room the msghdr kept for
+  // the address and control messages, then the payload.
+  auto* msg = static_cast<msghdr*>(op.buf);
+  char* buf = dgram_.ring()->data(buffer_id(flags));
+  io_uring_recvmsg_out* o = io_uring_recvmsg_validate(buf, res, msg);
+  if (o == nullptr) return false;
+  *out = Datagram{};
+  if (msg->msg_namelen > 0 && o->namelen > 0) {
+    out->addr = static_cast<const sockaddr*>(io_uring_recvmsg_name(o));
+    out->addrlen = o->namelen < msg->msg_namelen ? o->namelen : msg->msg_namelen;
   }
-  if (recv_multishot_ == Multishot::unconfirmed) {
-    if (cqe.res == -EINVAL && !*more) {
-      // The first multishot recv on this ring was refused: a kernel before 6.0
-      // takes the flag for an invalid argument. Off for good; the owner falls
-      // back to plain recv.
-      recv_multishot_ = Multishot::off;
-      recv_multishot_error_ = -EINVAL;
-      *res = -EOPNOTSUPP;
-    } else if (*more || cqe.res > 0) {
-      recv_multishot_ = Multishot::works;
-    }
+  if (msg->msg_controllen > 0 && o->controllen > 0) {
+    out->control = reinterpret_cast<const char*>(o + 1) + msg->msg_namelen;
+    out->controllen = o->controllen;
   }
+  out->data = static_cast<const char*>(io_uring_recvmsg_payload(o, msg));
+  out->len = io_uring_recvmsg_payload_length(o, res, msg);
+  out->full_len = o->payloadlen;
+  out->msg_flags = static_cast<int>(o->flags);
   return true;
 }
 
@@ -728,7 +711,8 @@ void UringDriver::shutdown() noexcept {
   if (inner_) inner_->shutdown();
   // Nothing is in flight, so no request can pick a buffer any more; owners may
   // still read buffers they hold until the driver is destroyed.
-  if (buf_ring_) buf_ring_->unregister(&ring_);
+  stream_.unregister(&ring_);
+  dgram_.unregister(&ring_);
   io_uring_queue_exit(&ring_);
   close_completion_fd();
   closed_ = true;
@@ -753,12 +737,11 @@ void UringDriver::abandon() noexcept {
   in_flight_head_ = nullptr;
   user_in_flight_ = 0;
   deferred_.clear();
-  starved_.clear();
-  rearmed_.clear();
   reactor_ready_ = false;
-  // The registration is the parent ring's (IORING_UNREGISTER_PBUF_RING here
-  // would take it from the parent); the memory is this process's own copy.
-  if (buf_ring_) buf_ring_->abandon();
+  // The registrations are the parent ring's (IORING_UNREGISTER_PBUF_RING here
+  // would take them from the parent); the memory is this process's own copy.
+  stream_.abandon();
+  dgram_.abandon();
   if (inner_) inner_->abandon();
   // In liburing 2.3 this unmaps the SQEs and the SQ and CQ rings and closes the
   // ring fd, nothing more: its only other step, unregistering a registered ring

@@ -28,21 +28,30 @@
 // - a kernel without multishot recv (before 6.0) refuses the first one with
 //   -EINVAL: the driver then turns the op off for good and completes that op
 //   with -EOPNOTSUPP, which tells the owner to fall back to plain recv.
+//
+// Multishot recvmsg (OpCode::recvmsg_multishot) works the same way for
+// datagrams, on a buffer group of its own (RingOptions::dgram_ring_*): one
+// whole buffer per datagram, big enough for any, so a datagram arrives whole
+// (filling a buffer incrementally, as stream bytes do, could cut one at the
+// buffer's end). The owner reads a completion with datagram(), gives its
+// buffer back with recycle_datagram(), and falls back to plain recvmsg on
+// -EOPNOTSUPP. Every socket of the loop shares the group, so its memory does
+// not grow with the number of sockets either.
 #pragma once
 
 #include <liburing.h>
 
+#include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <string>
-#include <unordered_set>
 #include <vector>
 
 #include "park/fork.hpp"
 #include "park/park.hpp"
 #include "ringpark/op.hpp"
 #include "uring_driver/buf_ring.hpp"
+#include "uring_driver/buffer_group.hpp"
 #include "uring_driver/probe.hpp"
 
 namespace ringpark::detail {
@@ -95,9 +104,10 @@ class UringDriver final : public Park, public IoBackend {
   void cancel(Op* op) noexcept override;
   std::size_t in_flight() const noexcept override { return user_in_flight_; }
   // Whether this kernel's io_uring runs `code` (others complete -EOPNOTSUPP).
-  // For OpCode::recv_multishot the first call registers the buffer ring (which
-  // may fail: then false for good), and the answer turns false if the kernel
-  // refuses the first multishot recv. Loop thread only; never blocks.
+  // For OpCode::recv_multishot and recvmsg_multishot the first call registers
+  // the op's buffer ring (which may fail: then false for good), and the answer
+  // turns false if the kernel refuses the first such op. Loop thread only;
+  // never blocks.
   bool supports(OpCode code) noexcept;
   bool native(OpCode code) noexcept override { return supports(code); }
 
@@ -107,32 +117,64 @@ class UringDriver final : public Park, public IoBackend {
   // filling) changes what this returns, so an owner that keeps bytes past
   // their completion keeps this pointer. The memory stays mapped until the
   // driver is destroyed.
-  char* provided_buffer(std::uint16_t id) const noexcept override { return buf_ring_->piece(id); }
+  char* provided_buffer(std::uint16_t id) const noexcept override {
+    return stream_.ring()->piece(id);
+  }
   // Gives the bytes of one completion that named provided buffer `id` back;
   // the kernel sees the buffer again after this batch of completions (or at
   // the next enter) once it is done with it. Aborts for an id the owner holds
   // nothing of. Loop thread only; never blocks.
-  void recycle(std::uint16_t id) noexcept override { buf_ring_->recycle(id); }
+  void recycle(std::uint16_t id) noexcept override { stream_.ring()->recycle(id); }
   // Provided buffers held by op owners (0 without a buffer ring).
-  unsigned provided_buffers_out() const noexcept { return buf_ring_ ? buf_ring_->out() : 0; }
+  unsigned provided_buffers_out() const noexcept { return ring_or(stream_, &BufRing::out); }
   // Why multishot recv is off (a negative errno: the buffer ring's
   // registration error, -EINVAL for a kernel that refused the op, -EOPNOTSUPP
   // when turned off), or 0.
-  int recv_multishot_error() const noexcept { return recv_multishot_error_; }
+  int recv_multishot_error() const noexcept { return stream_.error(); }
   // How many provided buffers the ring has (0 without a buffer ring); fewer
   // than asked for when the locked-memory limit refused the full ring.
-  unsigned provided_buffers() const noexcept { return buf_ring_ ? buf_ring_->entries() : 0; }
+  unsigned provided_buffers() const noexcept { return ring_or(stream_, &BufRing::entries); }
   // The size of one provided buffer (0 without a buffer ring).
   unsigned provided_buffer_size() const noexcept override {
-    return buf_ring_ ? buf_ring_->buf_size() : 0;
+    return ring_or(stream_, &BufRing::buf_size);
   }
   // Whether the kernel fills the provided buffers incrementally (see BufRing).
   bool provided_buffers_incremental() const noexcept {
-    return buf_ring_ && buf_ring_->incremental();
+    return stream_.ring() && stream_.ring()->incremental();
   }
   // Provided buffers the kernel holds now (it gets more only when it runs dry).
   unsigned provided_buffers_in_ring() const noexcept {
-    return buf_ring_ ? buf_ring_->available() : 0;
+    return ring_or(stream_, &BufRing::available);
+  }
+
+  // One datagram from a completion of OpCode::recvmsg_multishot with kBuffer
+  // (`res` and `flags` as the completion gave them). The pointers are into the
+  // buffer, valid until the owner recycles it.
+  struct Datagram {
+    const sockaddr* addr = nullptr;  // the source address, or null if none
+    unsigned addrlen = 0;            // its length (at most the msg_namelen kept)
+    const char* data = nullptr;      // the payload that fitted the buffer
+    std::size_t len = 0;             // its length
+    std::size_t full_len = 0;        // the datagram's real length (> len when cut)
+    int msg_flags = 0;               // MSG_TRUNC when cut, MSG_CTRUNC...
+    const void* control = nullptr;   // control messages (cmsghdr), if room was kept
+    std::size_t controllen = 0;
+  };
+  // Reads the datagram that the completion (`res`, `flags`) of `op` (an
+  // OpCode::recvmsg_multishot, whose msghdr says how much room each buffer
+  // keeps for the address and control messages) put into its buffer. Returns
+  // false for a completion without a datagram (no kBuffer, or a malformed
+  // buffer). Loop thread only; never blocks.
+  bool datagram(const Op& op, int res, std::uint32_t flags, Datagram* out) const noexcept;
+  // Gives the buffer of a recvmsg_multishot completion back. Aborts for an id
+  // the owner does not hold. Loop thread only; never blocks.
+  void recycle_datagram(std::uint16_t id) noexcept { dgram_.ring()->recycle(id); }
+  // Datagram buffers held by op owners; why multishot recvmsg is off (as
+  // recv_multishot_error()); the datagram buffers the kernel holds now.
+  unsigned datagram_buffers_out() const noexcept { return ring_or(dgram_, &BufRing::out); }
+  int recvmsg_multishot_error() const noexcept { return dgram_.error(); }
+  unsigned datagram_buffers_in_ring() const noexcept {
+    return ring_or(dgram_, &BufRing::available);
   }
 
   // Hands queued SQEs to the kernel without waiting or reaping (one enter, or
@@ -168,11 +210,6 @@ class UringDriver final : public Park, public IoBackend {
     std::uint32_t flags;
   };
 
-  // Where OpCode::recv_multishot stands: no buffer ring tried yet; a ring but
-  // no multishot recv that worked yet (an -EINVAL then means the kernel lacks
-  // it); known to work; off for good (no buffer ring, or the kernel refused).
-  enum class Multishot : std::uint8_t { untried, unconfirmed, works, off };
-
   UringDriver(Reactor* inner, const RingProbe& probe, const RingOptions& options);
 
   io_uring_sqe* get_sqe() noexcept;
@@ -185,9 +222,13 @@ class UringDriver final : public Park, public IoBackend {
   void make_cq_room() noexcept;
   std::size_t dispatch_deferred() noexcept;
   void dispatch(const Cqe& cqe) noexcept;
-  bool recv_multishot_cqe(Op* op, const Cqe& cqe, int* res, bool* more) noexcept;
-  bool ensure_buf_ring() noexcept;
+  BufferGroup* group_of(OpCode code) noexcept;
+  bool ensure_group(BufferGroup& group, unsigned plain_op) noexcept;
   void return_buffers() noexcept;
+  template <class Get>
+  static unsigned ring_or(const BufferGroup& group, Get get) noexcept {
+    return group.ring() ? (group.ring()->*get)() : 0;
+  }
   void track(Op* op) noexcept;
   void untrack(Op* op) noexcept;
 
@@ -215,19 +256,10 @@ class UringDriver final : public Park, public IoBackend {
   std::size_t user_in_flight_ = 0;
   std::vector<Cqe> batch_;     // reused by reap()
   std::vector<Cqe> deferred_;  // completions decided outside reap (errors at submit)
-  // The provided buffer ring, once registered; see the top of this file.
-  std::unique_ptr<BufRing> buf_ring_;
-  unsigned buf_ring_entries_;
-  unsigned buf_ring_buf_size_;
-  bool buf_ring_incremental_;
-  Multishot recv_multishot_ = Multishot::untried;
-  int recv_multishot_error_ = 0;  // why it is off
-  // Multishot recvs ended by -ENOBUFS, still in flight for their owners, that
-  // return_buffers() re-arms, oldest first, once the ring has buffers again.
-  std::deque<Op*> starved_;
-  // Those re-armed whose first completion has not come yet: each will take a
-  // buffer the ring has now.
-  std::unordered_set<Op*> rearmed_;
+  // The provided buffer groups, their rings registered on first use; see the
+  // top of this file.
+  BufferGroup stream_;  // OpCode::recv_multishot, group 0
+  BufferGroup dgram_;   // OpCode::recvmsg_multishot, group 1
   bool shutting_down_ = false;
   bool closed_ = false;
   DriverStats stats_;

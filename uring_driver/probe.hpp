@@ -30,6 +30,23 @@ struct RingOptions {
   // Linux 6.12): small messages then share a buffer instead of taking one
   // each, so the ring holds 8 MiB of messages rather than 512 of them.
   bool buf_ring_incremental = true;
+  // The provided buffer ring that OpCode::recvmsg_multishot receives datagrams
+  // into (a group of its own, registered on first use): at most
+  // `dgram_ring_entries` buffers (a power of two; 0 turns multishot recvmsg
+  // off) of `dgram_ring_buf_size` bytes, of which the kernel holds only as many
+  // as the most datagrams in flight have needed. A datagram takes one whole
+  // buffer (filling incrementally could cut one at a buffer's end), so each
+  // holds the largest: 65,527 bytes (UDP over IPv6; 65,507 over IPv4), the
+  // io_uring_recvmsg_out header, the source address and control messages.
+  // Buffers are page-aligned, so a small datagram touches one page. 256: one
+  // multishot recvmsg serves a whole socket and a dry ring costs one re-arm
+  // per starved socket (its queue keeps the datagrams meanwhile); flooding one
+  // socket with 100,000 datagrams ran 64 buffers dry 199 times and 256 only
+  // while the ring grew to its need (the same with 1,024 or 4,096), and the
+  // socket dropped as many with any of them: the receiver's CPU, not the ring,
+  // limits a flood. The mapping (17 MiB) costs memory only where written.
+  unsigned dgram_ring_entries = 256;
+  unsigned dgram_ring_buf_size = 68 * 1024;
 };
 
 struct RingProbe {

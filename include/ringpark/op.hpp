@@ -32,6 +32,32 @@ enum class OpCode : std::uint8_t {
   // UringDriver::supports() first. See UringDriver for the buffers' rules.
   recv_multishot,
   send,
+  // Datagrams. `buf` points at a msghdr (struct msghdr*), which stays valid, as
+  // everything it points at, until the op's final completion.
+  //
+  // One datagram, as recvmsg(2) with `flags`: into the msghdr's iovecs, the
+  // source address into msg_name (msg_namelen set to its length), control
+  // messages into msg_control; msg_flags says MSG_TRUNC when the datagram did
+  // not fit. res = the bytes received (with MSG_TRUNC in `flags`, the
+  // datagram's real length), or -errno.
+  recvmsg,
+  // One request that keeps receiving datagrams into buffers the backend
+  // provides: one completion per datagram, naming its buffer (kBuffer,
+  // buffer_id()), flagged kMore until the last. The msghdr's msg_namelen and
+  // msg_controllen say how much room each buffer keeps for the source address
+  // and control messages (its iovecs are unused). Each buffer holds the
+  // datagram whole when it fits (the io_uring driver's do, up to 65,527 bytes);
+  // UringDriver::datagram() reads the address, payload, real length and
+  // MSG_TRUNC out of it. Completes -EOPNOTSUPP (final) where the backend lacks
+  // it; ask UringDriver::supports() first, else use recvmsg.
+  recvmsg_multishot,
+  // One datagram, as sendmsg(2) with `flags` (MSG_NOSIGNAL always): the
+  // destination in msg_name (or none on a connected socket), the bytes
+  // gathered from the msghdr's iovecs. res = the bytes sent, or -errno. Sends
+  // to one socket leave in the order they were submitted unless the socket's
+  // send buffer is full (then the op waits for room, as a blocking sendmsg
+  // would, and a later one may leave first on io_uring).
+  sendmsg,
   accept,
   accept_multishot,
   connect,
@@ -52,9 +78,9 @@ enum class OpCode : std::uint8_t {
 // follow (a multishot operation that is still armed).
 inline constexpr std::uint32_t kMore = 1u << 0;
 // Set when the completion's bytes are in a buffer the backend provided
-// (OpCode::recv_multishot); buffer_id(flags) says which one. From that
-// completion on the buffer is the op owner's, until it gives it back. Mirrors
-// IORING_CQE_F_BUFFER and IORING_CQE_BUFFER_SHIFT.
+// (OpCode::recv_multishot, recvmsg_multishot); buffer_id(flags) says which
+// one. From that completion on the buffer is the op owner's, until it gives it
+// back. Mirrors IORING_CQE_F_BUFFER and IORING_CQE_BUFFER_SHIFT.
 inline constexpr std::uint32_t kBuffer = 1u << 1;
 inline constexpr unsigned kBufferIdShift = 16;
 inline constexpr std::uint16_t buffer_id(std::uint32_t flags) noexcept {
@@ -81,7 +107,7 @@ struct Op {
   std::uint32_t len = 0;
   std::uint32_t mode = 0;
   std::int64_t offset = -1;
-  void* buf = nullptr;  // read/write/recv/send buffer; for readv/writev an iovec*
+  void* buf = nullptr;  // read/write/recv/send buffer; readv/writev: iovec*; *msg: msghdr*
   const char* path = nullptr;
   const char* path2 = nullptr;  // renameat's new path
   sockaddr* addr = nullptr;     // accept (out) and connect (in)
