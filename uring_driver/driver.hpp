@@ -147,28 +147,17 @@ class UringDriver final : public Park, public IoBackend {
     return ring_or(stream_, &BufRing::available);
   }
 
-  // One datagram from a completion of OpCode::recvmsg_multishot with kBuffer
-  // (`res` and `flags` as the completion gave them). The pointers are into the
-  // buffer, valid until the owner recycles it.
-  struct Datagram {
-    const sockaddr* addr = nullptr;  // the source address, or null if none
-    unsigned addrlen = 0;            // its length (at most the msg_namelen kept)
-    const char* data = nullptr;      // the payload that fitted the buffer
-    std::size_t len = 0;             // its length
-    std::size_t full_len = 0;        // the datagram's real length (> len when cut)
-    int msg_flags = 0;               // MSG_TRUNC when cut, MSG_CTRUNC...
-    const void* control = nullptr;   // control messages (cmsghdr), if room was kept
-    std::size_t controllen = 0;
-  };
   // Reads the datagram that the completion (`res`, `flags`) of `op` (an
   // OpCode::recvmsg_multishot, whose msghdr says how much room each buffer
-  // keeps for the address and control messages) put into its buffer. Returns
-  // false for a completion without a datagram (no kBuffer, or a malformed
-  // buffer). Loop thread only; never blocks.
-  bool datagram(const Op& op, int res, std::uint32_t flags, Datagram* out) const noexcept;
+  // keeps for the address and control messages) put into its buffer; the
+  // real length is always known (the driver asks the kernel with MSG_TRUNC).
+  // Returns false for a completion without a datagram (no kBuffer, or a
+  // malformed buffer). Loop thread only; never blocks.
+  bool datagram(const Op& op, int res, std::uint32_t flags,
+                Datagram* out) const noexcept override;
   // Gives the buffer of a recvmsg_multishot completion back. Aborts for an id
   // the owner does not hold. Loop thread only; never blocks.
-  void recycle_datagram(std::uint16_t id) noexcept { dgram_.ring()->recycle(id); }
+  void recycle_datagram(std::uint16_t id) noexcept override { dgram_.ring()->recycle(id); }
   // Datagram buffers held by op owners; why multishot recvmsg is off (as
   // recv_multishot_error()); the datagram buffers the kernel holds now.
   unsigned datagram_buffers_out() const noexcept { return ring_or(dgram_, &BufRing::out); }

@@ -87,6 +87,20 @@ inline constexpr std::uint16_t buffer_id(std::uint32_t flags) noexcept {
   return static_cast<std::uint16_t>(flags >> kBufferIdShift);
 }
 
+// One datagram received by OpCode::recvmsg_multishot, read out of its
+// completion's buffer by IoBackend::datagram(). The pointers are into that
+// buffer: valid until the owner recycles it.
+struct Datagram {
+  const sockaddr* addr = nullptr;  // the source address, or null if none
+  unsigned addrlen = 0;            // its length (at most the msg_namelen kept)
+  const char* data = nullptr;      // the payload that fitted the buffer
+  std::size_t len = 0;             // its length
+  std::size_t full_len = 0;        // the datagram's real length (> len when cut)
+  int msg_flags = 0;               // MSG_TRUNC when cut, MSG_CTRUNC...
+  const void* control = nullptr;   // control messages (cmsghdr), if room was kept
+  std::size_t controllen = 0;
+};
+
 struct Op;
 // Called once per completion, on the loop thread, after the backend is done
 // with the completion record. With kMore clear this is the final completion: the
@@ -147,7 +161,8 @@ class IoBackend {
   // Whether `code` runs here as the kernel's own asynchronous operation (an
   // io_uring opcode this kernel has). False on the epoll fallback, which runs
   // every op but by readiness or on its thread pool, and completes
-  // OpCode::recv_multishot with -EOPNOTSUPP. Never blocks.
+  // OpCode::recv_multishot and recvmsg_multishot with -EOPNOTSUPP. Never
+  // blocks.
   virtual bool native(OpCode code) noexcept = 0;
   // Hands what is queued to the kernel now, without waiting or reaping. Never
   // blocks.
@@ -161,6 +176,16 @@ class IoBackend {
   virtual void recycle(std::uint16_t /*id*/) noexcept {}
   // The size of one provided buffer; 0 without them.
   virtual unsigned provided_buffer_size() const noexcept { return 0; }
+
+  // Provided datagram buffers (OpCode::recvmsg_multishot): a completion flagged
+  // kBuffer holds one datagram; datagram() reads it (false for a completion
+  // without one), and recycle_datagram(buffer_id(flags)) gives the buffer back,
+  // at once or later. Loop thread only; never blocks.
+  virtual bool datagram(const Op& /*op*/, int /*res*/, std::uint32_t /*flags*/,
+                        Datagram* /*out*/) const noexcept {
+    return false;
+  }
+  virtual void recycle_datagram(std::uint16_t /*id*/) noexcept {}
 
   // For an outer loop that sleeps in a poller of its own (libuv's epoll)
   // while ops are in flight, and must wake for their completions.

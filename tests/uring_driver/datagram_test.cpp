@@ -144,8 +144,8 @@ struct Received {
 // `hold`, a consumer that gives buffers back only with release()).
 class Sink {
  public:
-  Sink(IoBackend& io, UringDriver* uring, int fd, bool multishot, std::size_t buf_size = 65536)
-      : io_(io), uring_(uring), buf_(buf_size) {
+  Sink(IoBackend& io, int fd, bool multishot, std::size_t buf_size = 65536)
+      : io_(io), buf_(buf_size) {
     op_.code = multishot ? OpCode::recvmsg_multishot : OpCode::recvmsg;
     op_.fd = fd;
     op_.buf = &msg_;
@@ -162,7 +162,7 @@ class Sink {
     io_.cancel(&op_);
   }
   void release() {
-    for (std::uint16_t id : held_) uring_->recycle_datagram(id);
+    for (std::uint16_t id : held_) io_.recycle_datagram(id);
     held_.clear();
   }
 
@@ -197,8 +197,8 @@ class Sink {
     ++calls;
     const bool more = flags & kMore;
     if (multishot()) {
-      UringDriver::Datagram d;
-      if (uring_->datagram(op_, res, flags, &d)) {
+      detail::Datagram d;
+      if (io_.datagram(op_, res, flags, &d)) {
         Received r;
         r.data.assign(d.data, d.len);
         r.full_len = d.full_len;
@@ -213,7 +213,7 @@ class Sink {
         if (hold) {
           held_.push_back(detail::buffer_id(flags));
         } else {
-          uring_->recycle_datagram(detail::buffer_id(flags));
+          io_.recycle_datagram(detail::buffer_id(flags));
         }
       }
     } else if (res >= 0) {
@@ -236,7 +236,6 @@ class Sink {
   }
 
   IoBackend& io_;
-  UringDriver* uring_;
   Op op_;
   msghdr msg_{};
   iovec iov_{};
@@ -272,8 +271,7 @@ class DatagramTest : public OpFixture<Backend>, public ::testing::Test {
     return rx_ >= 0 && tx_ >= 0;
   }
   Sink& sink(bool multishot, std::size_t buf_size = 65536) {
-    return *sinks_.emplace_back(
-        std::make_unique<Sink>(this->io(), uring(), rx_, multishot, buf_size));
+    return *sinks_.emplace_back(std::make_unique<Sink>(this->io(), rx_, multishot, buf_size));
   }
   bool send_to_rx(const std::string& d) {
     return ::sendto(tx_, d.data(), d.size(), 0, reinterpret_cast<const sockaddr*>(&rx_addr_),
@@ -691,7 +689,7 @@ TEST_F(UringDatagramTest, DatagramRingIsSeparateFromTheStreamRingAndRegisteredOn
 // it goes on with the next datagram, none lost, none out of order.
 TEST_F(UringDatagramTest, EmptiedDatagramRingIsRefilledAndNothingIsLost) {
   OPEN_RING_OR_SKIP(2, 68 * 1024);
-  sink_ = std::make_unique<Sink>(io(), &driver(), rx_, true);
+  sink_ = std::make_unique<Sink>(io(), rx_, true);
   Sink& s = *sink_;
   s.hold = true;
   s.start();
@@ -724,7 +722,7 @@ TEST_F(UringDatagramTest, EmptiedDatagramRingIsRefilledAndNothingIsLost) {
 // the completion still tells the real length, with MSG_TRUNC.
 TEST_F(UringDatagramTest, DatagramCutToASmallRingBufferReportsTheRealLength) {
   OPEN_RING_OR_SKIP(4, 512);
-  sink_ = std::make_unique<Sink>(io(), &driver(), rx_, true);
+  sink_ = std::make_unique<Sink>(io(), rx_, true);
   Sink& s = *sink_;
   s.start();
   const std::string d = datagram_bytes(3, 1000);
@@ -776,7 +774,7 @@ TEST_F(UringDatagramTest, ManySocketsShareOneDatagramRing) {
   for (int i = 0; i < 200; ++i) {
     int fd = fds_.add(udp_socket(AF_INET, &addrs[i], &lens[i]));
     ASSERT_GE(fd, 0);
-    sinks.push_back(std::make_unique<Sink>(io(), &driver(), fd, true));
+    sinks.push_back(std::make_unique<Sink>(io(), fd, true));
     sinks.back()->start();
   }
   settle();
