@@ -1,0 +1,52 @@
+#!/bin/bash
+# The datagram benchmark's pair works on plain libuv: bench/uv_udp_echo_server
+# (an ordinary libuv program, on uv_run) answers bench/udp_loadgen, which
+# checks every reply byte for byte (it exits 1 on any mismatch).
+#
+#   udp_pair_test.sh SERVER LOADGEN [server flags...]
+#
+# Bounded: the load runs 1 s after a 0.2 s warm-up; the server is stopped with
+# SIGTERM (SIGKILL after 5 s) and must exit 0 having echoed datagrams.
+set -u
+server=$1
+loadgen=$2
+shift 2
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+
+"$server" "$@" >"$out" &
+pid=$!
+stop_server() {
+  kill -TERM "$pid" 2>/dev/null
+  for _ in $(seq 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null
+  wait "$pid"
+}
+
+port=
+for _ in $(seq 50); do
+  port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$out")
+  [ -n "$port" ] && break
+  sleep 0.1
+done
+if [ -z "$port" ]; then
+  echo "udp_pair_test: the server did not start"
+  cat "$out"
+  stop_server
+  exit 1
+fi
+
+"$loadgen" --port "$port" --clients 16 --depth 4 --size 200 --warmup 0.2 --seconds 1
+load=$?
+stop_server
+status=$?
+cat "$out"
+if [ "$load" -ne 0 ] || [ "$status" -ne 0 ]; then
+  echo "udp_pair_test: loadgen exited $load, server $status"
+  exit 1
+fi
+grep -q 'echoed=[1-9]' "$out" || { echo "udp_pair_test: the server echoed nothing"; exit 1; }
+grep -q 'send_errors=0 truncated=0' "$out" || { echo "udp_pair_test: send errors"; exit 1; }
