@@ -966,6 +966,7 @@ bool FallbackDriver::has_work() const noexcept {
 void FallbackDriver::park(Timeout timeout) noexcept {
   if (closed_ || forked()) return;
   ++stats_.turns;
+  run_deferred();
   start_fresh();
   sync_inner();
   sync_fds();
@@ -986,6 +987,7 @@ void FallbackDriver::park(Timeout timeout) noexcept {
 void FallbackDriver::turn() noexcept {
   if (closed_ || forked()) return;
   ++stats_.turns;
+  run_deferred();
   start_fresh();
   sync_inner();
   sync_fds();
@@ -1002,6 +1004,7 @@ void FallbackDriver::shutdown() noexcept {
   if (closed_) return;
   // The pool's threads and the epoll set's registrations are the parent's.
   if (forked()) return abandon();
+  run_deferred();  // what it prepares is cancelled with the rest
   shutting_down_ = true;
   for (;;) {
     // Completions run here, -ECANCELED for what was cancelled; what they submit
@@ -1043,6 +1046,7 @@ void FallbackDriver::abandon() noexcept {
   // Forget every op: the parent finishes its own copy; ours never completes.
   for (auto& [op, r] : ops_) op->state = Op::State::idle;
   ops_.clear();
+  forget_deferred();
   fresh_.clear();
   ready_.clear();
   // The registrations these describe are in the parent's epoll set: dropped

@@ -158,10 +158,17 @@ int rp_fs_ftruncate(uv_loop_t* loop, uv_fs_t* req, uv_file file, int64_t offset,
  * first, after the next rp_read_start: nothing is lost. A read_cb that frees
  * buf->base in every case (NULL included) is right for both.
  *
+ * Writes queued during one loop iteration go out together at its end: one
+ * send for a lone buffer, else one sendmsg gathering the buffers of every
+ * write queued (up to IOV_MAX of them); each write's callback comes once its
+ * bytes are out, in order.
+ *
  * Differences from libuv a user may notice:
- *  - a write of one buffer is a send with MSG_NOSIGNAL (EPIPE, no SIGPIPE);
- *    a write of several buffers is a writev, which raises SIGPIPE on a
- *    broken connection exactly as libuv's writev does;
+ *  - writes go out at the end of the loop iteration, not inside rp_write
+ *    (libuv writes inside uv_write when nothing is queued); a write followed
+ *    at once by rp_close still goes out, as libuv's would;
+ *  - a write to a broken connection fails with UV_EPIPE and never raises
+ *    SIGPIPE (libuv's writev raises it);
  *  - handles are not uv_handle_t: uv_walk does not see them (rp_loop_close
  *    still answers UV_EBUSY while any is open, as uv_loop_close does). */
 

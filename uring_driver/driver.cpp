@@ -392,6 +392,7 @@ void UringDriver::arm_internal(bool watch_inner) noexcept {
 }
 
 int UringDriver::enter(Timeout timeout) noexcept {
+  run_deferred();  // what the turn's deferred work prepares goes out with the rest
   return_buffers();
   if (io_uring_sq_ready(&ring_) > 0) make_cq_room();
   const unsigned queued = io_uring_sq_ready(&ring_);
@@ -632,6 +633,7 @@ void UringDriver::turn() noexcept {
 
 void UringDriver::flush() noexcept {
   if (closed_ || forked()) return;
+  run_deferred();
   return_buffers();
   const unsigned queued = io_uring_sq_ready(&ring_);
   if (queued == 0) return;
@@ -699,6 +701,7 @@ void UringDriver::shutdown() noexcept {
   // and cancelling through it would cancel the parent's ops.
   if (forked()) return abandon();
   shutting_down_ = true;
+  run_deferred();  // what it submits completes with -ECANCELED below
   while (in_flight_head_ != nullptr || !deferred_.empty()) {
     // Completions run here, with -ECANCELED for what was cancelled; ops they
     // submit complete with -ECANCELED too. A cancel can lose the race with an op
@@ -737,6 +740,7 @@ void UringDriver::abandon() noexcept {
   in_flight_head_ = nullptr;
   user_in_flight_ = 0;
   deferred_.clear();
+  forget_deferred();
   reactor_ready_ = false;
   // The registrations are the parent ring's (IORING_UNREGISTER_PBUF_RING here
   // would take them from the parent); the memory is this process's own copy.

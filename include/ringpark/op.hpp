@@ -142,6 +142,16 @@ struct Op {
   Op* prev_ = nullptr;
 };
 
+// Work that prepares ops at the end of a turn rather than at once, so that one
+// op can carry what a whole turn queued (a stream's writes, gathered into one
+// sendmsg). IoBackend::defer() runs it once, right before the backend next
+// hands work to the kernel. Pinned from defer() until `run` is called.
+struct Deferred {
+  void (*run)(Deferred* self) noexcept = nullptr;
+  Deferred* next = nullptr;
+  bool queued = false;
+};
+
 // The backend-neutral operations interface that the io_uring driver and the epoll
 // fallback both implement. Loop thread only.
 class IoBackend {
@@ -167,6 +177,44 @@ class IoBackend {
   // Hands what is queued to the kernel now, without waiting or reaping. Never
   // blocks.
   virtual void flush() noexcept = 0;
+  // Runs `d` (once, however often it is deferred meanwhile) right before the
+  // next submission: in the next park, turn or flush, after everything the
+  // current turn queues. Work deferred from inside `run` goes with it.
+  void defer(Deferred* d) noexcept {
+    if (d->queued) return;
+    d->queued = true;
+    d->next = nullptr;
+    if (deferred_tail_) {
+      deferred_tail_->next = d;
+    } else {
+      deferred_head_ = d;
+    }
+    deferred_tail_ = d;
+  }
+
+ protected:
+  // Runs the deferred work, in the order it was deferred; each backend calls
+  // this before it hands queued ops to the kernel.
+  void run_deferred() noexcept {
+    while (deferred_head_) {
+      Deferred* d = deferred_head_;
+      deferred_head_ = d->next;
+      if (deferred_head_ == nullptr) deferred_tail_ = nullptr;
+      d->queued = false;
+      d->run(d);
+    }
+  }
+  // A forked child: the work belongs to owners whose ops the parent holds.
+  void forget_deferred() noexcept {
+    for (Deferred* d = deferred_head_; d != nullptr; d = d->next) d->queued = false;
+    deferred_head_ = deferred_tail_ = nullptr;
+  }
+
+ private:
+  Deferred* deferred_head_ = nullptr;
+  Deferred* deferred_tail_ = nullptr;
+
+ public:
 
   // Provided buffers (OpCode::recv_multishot). A completion flagged kBuffer
   // makes buffer buffer_id(flags) the op owner's: it reads up to the

@@ -30,6 +30,8 @@ constexpr std::uint8_t kBulkRun = 4;
 constexpr std::uint8_t kSmallRun = 16;
 // The most one send asks for: its result must fit an int.
 constexpr std::size_t kMaxSend = std::size_t{1} << 30;
+// The most iovecs one gathered send carries (IOV_MAX on Linux).
+constexpr unsigned kGatherMax = IOV_MAX;
 // How many reads one readiness report may run (Role::ready), as libuv's
 // uv__read reads at most 32 times per wakeup so that one busy stream cannot
 // starve the others.
@@ -129,6 +131,9 @@ void drained(FdLife* life) noexcept {
   std::free(s->accepted);
   s->accepted = nullptr;
   s->acc_cap = s->acc_head = 0;
+  std::free(s->gather);
+  s->gather = nullptr;
+  s->gather_cap = 0;
 }
 
 void closed(FdLife* life) noexcept {
@@ -623,28 +628,70 @@ void on_accept(Stream* s, int res, bool more) noexcept {
 
 // ---- Writing ------------------------------------------------------------------
 
-void start_write(Stream* s, WriteReq* w) noexcept {
-  while (w->index < w->nbufs && w->iov[w->index].iov_len == 0) ++w->index;
-  Op& op = w->op;
+// Sends the queued writes from the head on, as many as one op can carry (the
+// writes of a whole turn, when the stream's kick runs at the turn's end): one
+// send for a lone buffer, else one sendmsg gathering every buffer of up to
+// kGatherMax iovecs. Their bytes stay the callers' and the iovec array the
+// stream's, untouched, until the op's final completion.
+void start_writes(Stream* s) noexcept {
+  WriteReq* head = s->write_head;
+  unsigned iovs = 0;
+  std::size_t bytes = 0;
+  WriteReq* end = head;
+  for (; end != nullptr && iovs < kGatherMax && bytes < kMaxSend; end = end->next) {
+    while (end->index < end->nbufs && end->iov[end->index].iov_len == 0) ++end->index;
+    const unsigned left = end->nbufs - end->index;
+    if (iovs > 0 && iovs + left > kGatherMax) break;  // whole requests only, but the first
+    iovs += left;
+    bytes += end->size;
+  }
+  s->flight_end = end;
+  Op& op = head->op;
   op.fd = s->fd();
   op.offset = -1;
   op.complete = &on_write_op;
-  op.data = w;
-  const unsigned left = w->nbufs - w->index;
-  if (left == 0) {
+  op.data = head;
+  if (iovs == 0) {
     op.code = OpCode::nop;  // zero bytes: completes with 0, in order
-  } else if (left == 1) {
-    const iovec& v = w->iov[w->index];
+  } else if (iovs == 1 && head->next == end) {
+    const iovec& v = head->iov[head->index];
     op.code = OpCode::send;
     op.buf = v.iov_base;  // the caller's bytes, valid until the write callback
     op.len = static_cast<std::uint32_t>(v.iov_len < kMaxSend ? v.iov_len : kMaxSend);
     // MSG_WAITALL: the kernel finishes a short send itself where it can.
     op.flags = MSG_NOSIGNAL | MSG_WAITALL;
   } else {
-    op.code = OpCode::writev;
-    op.buf = &w->iov[w->index];  // our copy of the array, in the request
-    op.len = left < IOV_MAX ? left : IOV_MAX;
-    op.flags = 0;
+    const iovec* iov = &head->iov[head->index];  // one write: its own copy of the array
+    if (head->next != end) {
+      if (iovs > s->gather_cap) {
+        const unsigned cap = iovs > 16 ? iovs : 16;
+        auto* grown = static_cast<iovec*>(std::realloc(s->gather, cap * sizeof(iovec)));
+        if (grown != nullptr) {
+          s->gather = grown;
+          s->gather_cap = cap;
+        }
+      }
+      if (iovs <= s->gather_cap) {
+        unsigned k = 0;
+        for (WriteReq* w = head; w != end; w = w->next) {
+          for (unsigned i = w->index; i < w->nbufs; ++i) s->gather[k++] = w->iov[i];
+        }
+        iov = s->gather;
+      } else {
+        // No memory to gather: the head write alone.
+        s->flight_end = head->next;
+        iovs = head->nbufs - head->index;
+      }
+    }
+    s->gather_msg = msghdr{};
+    s->gather_msg.msg_iov = const_cast<iovec*>(iov);  // kept until the final CQE
+    s->gather_msg.msg_iovlen = iovs < IOV_MAX ? iovs : IOV_MAX;
+    op.code = OpCode::sendmsg;
+    op.buf = &s->gather_msg;  // in the stream, kept until the final CQE
+    // Without MSG_WAITALL: a short send completes the op, and with it the
+    // writes it finished, as libuv reports each write once it is out, rather
+    // than holding an early write's callback until the last one is sent.
+    op.flags = MSG_NOSIGNAL;
   }
   s->write_active = true;
   s->life.submit(&op);
@@ -679,12 +726,23 @@ void start_shutdown(Stream* s) noexcept {
   s->life.submit(&r->op);
 }
 
-// Starts the head write, or the shutdown once no write is left, if the stream
-// may write now.
+// The stream's kick, run by the backend at the end of the turn (Deferred):
+// sends what the turn queued, or the shutdown once no write is left.
+void kick_writes(Deferred* d) noexcept {
+  Stream* s = reinterpret_cast<Stream*>(reinterpret_cast<char*>(d) - offsetof(Stream, kick));
+  if ((s->flags & (kClosing | kConnecting)) || s->fd() < 0 || s->write_active) return;
+  if (s->write_head) return start_writes(s);
+  if (s->shutdown && !s->shutdown->started) start_shutdown(s);
+}
+
+// Has the writes (or the shutdown) started at the end of the turn, when the
+// stream may write: every write queued until then goes in the same op.
 void pump_writes(Stream* s) noexcept {
   if ((s->flags & (kClosing | kConnecting)) || s->fd() < 0 || s->write_active) return;
-  if (s->write_head) return start_write(s, s->write_head);
-  if (s->shutdown && !s->shutdown->started) start_shutdown(s);
+  if (s->write_head || (s->shutdown && !s->shutdown->started)) {
+    s->kick.run = &kick_writes;
+    s->life.io().defer(&s->kick);
+  }
 }
 
 // Consumes `n` sent bytes from the front of the write's buffers.
@@ -704,24 +762,36 @@ void advance(Stream* s, WriteReq* w, std::size_t n) noexcept {
 }
 
 void on_write_op(Op* op, int res, std::uint32_t) noexcept {
-  auto* w = static_cast<WriteReq*>(op->data);
-  Stream* s = w->stream;
+  auto* head = static_cast<WriteReq*>(op->data);
+  Stream* s = head->stream;
   s->life.ended();
   s->write_active = false;
-  if (res > 0) advance(s, w, static_cast<std::size_t>(res));
-  const bool done = w->index >= w->nbufs;
-  int status;
-  if (done && res >= 0) {
-    status = 0;
-  } else if (s->closing()) {
-    status = UV_ECANCELED;
-  } else if (res >= 0 || res == -EAGAIN || res == -EINTR) {
-    start_write(s, w);  // a short send: send the rest before the callback
-    return;
-  } else {
-    status = res;
+  // The bytes sent fill the writes in flight in order; those complete have
+  // their callbacks, in order, with the stream's write queue size already
+  // down by everything sent (libuv, too, writes what it can before it runs
+  // the callbacks).
+  std::size_t sent = res > 0 ? static_cast<std::size_t>(res) : 0;
+  unsigned complete = 0;
+  for (WriteReq* w = head; w != s->flight_end; w = w->next) {
+    const std::size_t k = sent < w->size ? sent : w->size;
+    advance(s, w, k);
+    sent -= k;
+    if (w->index < w->nbufs) break;
+    ++complete;
   }
-  finish_write(s, w, status);
+  if (res < 0 && complete == 0) {
+    // An error ends the head write; a cancel ends it only if the stream closes.
+    if (!s->closing() && (res == -EAGAIN || res == -EINTR)) {
+      pump_writes(s);  // retried at the end of the turn
+      return settle(s);
+    }
+    finish_write(s, head, s->closing() ? UV_ECANCELED : res);
+  } else {
+    // Callbacks may close the stream or queue more writes; neither touches
+    // the writes already complete, which stay at the head of the queue.
+    for (; complete > 0; --complete) finish_write(s, s->write_head, 0);
+  }
+  // The rest (a short send, more writes, the shutdown) at the end of the turn.
   pump_writes(s);
   settle(s);
 }
@@ -832,7 +902,10 @@ void set_socket(Stream* s, int fd) noexcept { s->life.set_fd(fd, true); }
 
 IoBackend& io(Stream* s) noexcept { return s->life.io(); }
 
-void set_backend(Stream* s, IoBackend* io) noexcept { s->life.init(io, &kLifeHooks, s); }
+void set_backend(Stream* s, IoBackend* io) noexcept {
+  s->life.init(io, &kLifeHooks, s);
+  s->kick.queued = false;  // deferred in the old backend, which is gone
+}
 
 int read_start(Stream* s) noexcept {
   if (s->flags & kReading) return UV_EALREADY;
@@ -959,6 +1032,12 @@ bool quiet(const Stream* s) noexcept {
 
 bool close(Stream* s) noexcept {
   if (s->closing()) return false;
+  // Writes queued this turn, whose send waits for the turn's end: libuv would
+  // have written them inside uv_write already, so they go out now, ahead of
+  // the cancel (which then finds them done, or ends what is left).
+  if (s->write_head && !s->write_active && !(s->flags & kConnecting) && s->fd() >= 0) {
+    start_writes(s);
+  }
   s->flags = (s->flags | kClosing) & ~(kReading | kListening);
   return s->life.close();
 }

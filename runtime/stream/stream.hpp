@@ -199,8 +199,17 @@ struct Stream {
   std::uint32_t acc_count = 0;
   std::uint32_t acc_cap = 0;
   std::size_t queued_bytes = 0;    // of the queued writes, not yet sent (libuv's write_queue_size)
-  WriteReq* write_head = nullptr;  // writes in order; only the head is in flight
+  WriteReq* write_head = nullptr;  // writes in order; [head, flight_end) are in flight
   WriteReq* write_tail = nullptr;
+  WriteReq* flight_end = nullptr;  // the first write not in the op in flight
+  // The gathered send of several writes (sendmsg): the iovec array and its
+  // msghdr, kept unchanged until the op's final completion.
+  iovec* gather = nullptr;
+  unsigned gather_cap = 0;
+  msghdr gather_msg{};
+  // Starts the writes at the end of the turn, so that all the turn queued
+  // goes out in one op (IoBackend::defer).
+  Deferred kick;
   ConnectReq* connect = nullptr;
   ShutdownReq* shutdown = nullptr;
 
