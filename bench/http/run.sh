@@ -23,6 +23,8 @@
 #           access_log off, keepalive_requests unbounded; its answers carry
 #           three headers more (Server, Date, Connection), 154 bytes to 84
 #   uv_rp   http_hello --uv --rp-run   uv_tcp_t under rp_uv_run (not by default)
+#   uv_preload  http_hello --uv under LD_PRELOAD=libringpark-preload.so: the
+#           unchanged libuv server, its streams adopted (not by default)
 # Passes, each run on a fresh server, bounded in time (timeout(1) on wrk, and
 # every process killed on exit):
 #  1. same core: server and wrk pinned to one core (taskset), which ranks
@@ -45,7 +47,7 @@
 #   --rounds N          rounds per pass
 #   --seconds S         wrk duration per run (whole seconds)
 #   --conns C           wrk connections (default 50)
-#   --contenders a,b    a subset of: uv rp nginx uv_rp ("uv" is always added)
+#   --contenders a,b    a subset of: uv rp nginx uv_rp uv_preload ("uv" is always added)
 #   --separate          add pass 2;  --no-syscalls  skip pass 3
 #   --cpus A,B          the two cores to use (default 0,1)
 #
@@ -95,6 +97,7 @@ if [ -z "$HELLO" ]; then
   echo "http/run.sh: no http_hello in $B/bench/http or $B/samples: build the 'http_hello' target" >&2
   exit 2
 fi
+PRELOAD_LIB=$B/libringpark-preload.so
 build_type=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$B/CMakeCache.txt" 2>/dev/null)
 
 if [ "$FULL" = 1 ]; then
@@ -132,7 +135,7 @@ if need nginx nginx || [ -x /usr/sbin/nginx ]; then
   NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 fi
 
-ALL_CONTENDERS="uv rp nginx uv_rp"
+ALL_CONTENDERS="uv rp nginx uv_rp uv_preload"
 if [ -n "$CONTENDERS_ARG" ]; then
   WANTED="uv"
   for c in ${CONTENDERS_ARG//,/ }; do
@@ -230,14 +233,16 @@ start_server() {
   RUN_ID=$((RUN_ID + 1))
   SERVER_LOG=$TMP/server.$RUN_ID.log
   [ "$c" = nginx ] && { start_nginx "$c" "$cpu"; return; }
-  local args=()
+  local args=() preload=""
   case "$c" in
     uv) args=(--uv) ;;
     uv_rp) args=(--uv --rp-run) ;;
+    uv_preload) args=(--uv) preload=$PRELOAD_LIB ;;
   esac
   # env and taskset exec the server: $! is its own pid. A script's background
   # job starts with SIGINT ignored; the server gets it back at its default.
-  env --default-signal=INT taskset -c "$cpu" "$HELLO" "${args[@]}" 0 >"$SERVER_LOG" 2>&1 &
+  env --default-signal=INT ${preload:+LD_PRELOAD=$preload} taskset -c "$cpu" "$HELLO" "${args[@]}" 0 \
+    >"$SERVER_LOG" 2>&1 &
   SERVER_PID=$!
   CHILDREN+=("$SERVER_PID")
   SERVER_PORT=""
