@@ -171,42 +171,21 @@ if start "uv http" "$work/uv_http.log" "$http_hello" --uv 0; then
 fi
 
 # ---- Debian 12's node 18 ----------------------------------------------------------
-node_root=$work/node18
-fetch_node() {
-  [ -x "$node_root/usr/bin/node" ] && return 0
-  local debs=$work/node18-debs
-  rm -rf "$debs" "$node_root"
-  mkdir -p "$debs"
-  (cd "$debs" &&
-    apt-get download nodejs=18.20.4+dfsg-1~deb12u3 libnode108=18.20.4+dfsg-1~deb12u3 \
-      node-acorn node-cjs-module-lexer node-undici) >"$work/node18-download.log" 2>&1 ||
-    (apt-get update >/dev/null 2>&1 && cd "$debs" &&
-      apt-get download nodejs=18.20.4+dfsg-1~deb12u3 libnode108=18.20.4+dfsg-1~deb12u3 \
-        node-acorn node-cjs-module-lexer node-undici) >>"$work/node18-download.log" 2>&1 ||
-    return 1
-  for deb in "$debs"/*.deb; do dpkg -x "$deb" "$node_root" || return 1; done
-}
-
+# shellcheck source=tests/programs/node18.sh
+source "$here/node18.sh"
 if [ "$(id -u)" -ne 0 ]; then
   echo "programs: node 18 skipped: needs root for its mount namespace"
-elif ! fetch_node; then
+elif ! node18_fetch "$work"; then
   echo "programs: node 18 skipped: apt-get download failed (see $work/node18-download.log)"
 else
-  # The node binary looks for its externalized builtins under /usr/share/nodejs:
-  # overlay the unpacked ones there, in a mount namespace of its own.
-  node() {
-    exec unshare -m --propagation private sh -c \
-      'mount -t overlay overlay -o "lowerdir=$0/usr/share:/usr/share" /usr/share &&
-       LD_LIBRARY_PATH=$0/usr/lib/x86_64-linux-gnu exec "$0/usr/bin/node" "$@"' "$node_root" "$@"
-  }
-  version=$( (node -p 'process.version + " on libuv " + process.versions.uv') 2>&1)
+  version=$( (node18 -p 'process.version + " on libuv " + process.versions.uv') 2>&1)
   echo "programs: node $version"
-  if start "node net echo" "$work/node_echo.log" node "$here/node_echo.js"; then
+  if start "node net echo" "$work/node_echo.log" node18 "$here/node_echo.js"; then
     check_echo "node net echo"
     stop "node net echo"
     expect_adopted "node net echo"
   fi
-  if start "node http" "$work/node_http.log" node "$here/node_http.js"; then
+  if start "node http" "$work/node_http.log" node18 "$here/node_http.js"; then
     check_http "node http" "hello world"
     stop "node http"
     expect_adopted "node http"
