@@ -109,10 +109,8 @@ void drained(FdLife* life) noexcept {
   // in order, then the shutdown.
   while (s->write_head) finish_write(s, s->write_head, UV_ECANCELED);
   if (s->shutdown) finish_shutdown(s, UV_ECANCELED);
-  // Held bytes nobody will read: dropped, as libuv drops unread data at close.
-  std::free(s->held);
-  s->held = nullptr;
-  s->held_off = s->held_len = s->held_cap = 0;
+  // Held bytes nobody will read: dropped (dispose, below), as libuv drops
+  // unread data at close.
   s->held_end = 0;
   if (s->buf_lent) {
     // The lent buffer goes back so the front end can free it (libuv on Windows
@@ -128,12 +126,7 @@ void drained(FdLife* life) noexcept {
     s->acc_head = (s->acc_head + 1) % s->acc_cap;
     --s->acc_count;
   }
-  std::free(s->accepted);
-  s->accepted = nullptr;
-  s->acc_cap = s->acc_head = 0;
-  std::free(s->gather);
-  s->gather = nullptr;
-  s->gather_cap = 0;
+  dispose(s);
 }
 
 void closed(FdLife* life) noexcept {
@@ -1028,6 +1021,18 @@ void quiesce(Stream* s) noexcept {
 bool quiet(const Stream* s) noexcept {
   return s->life.in_flight() == 0 && s->write_head == nullptr && s->shutdown == nullptr &&
          s->connect == nullptr && s->held_len == 0 && s->held_end == 0 && !s->buf_lent;
+}
+
+void dispose(Stream* s) noexcept {
+  std::free(s->held);
+  s->held = nullptr;
+  s->held_off = s->held_len = s->held_cap = 0;
+  std::free(s->accepted);
+  s->accepted = nullptr;
+  s->acc_cap = s->acc_head = s->acc_count = 0;
+  std::free(s->gather);
+  s->gather = nullptr;
+  s->gather_cap = 0;
 }
 
 bool close(Stream* s) noexcept {

@@ -258,6 +258,10 @@ int accept(Stream* s) noexcept;
 void quiesce(Stream* s) noexcept;
 // Nothing in flight, queued, held or lent: the socket can change owners.
 bool quiet(const Stream* s) noexcept;
+// Frees what the engine allocated for the stream (held bytes, the accept
+// queue, the gather array): for a host that lets go of a quiet() stream
+// without closing it. The close does it by itself.
+void dispose(Stream* s) noexcept;
 // Cancels everything and runs the close protocol; `closed` comes last. Returns
 // false when already closing.
 bool close(Stream* s) noexcept;

@@ -82,17 +82,9 @@ if [ ! -f "$preload" ]; then
   exit 1
 fi
 
-# A sanitizer build: the sanitizer's runtime must come first in the library
-# list, before the preload (ASan refuses to start otherwise).
-preload_list=""
-if command -v ldd >/dev/null 2>&1; then
-  # ASan's runtime before UBSan's (both are there with -fsanitize=address,undefined).
-  for name in asan tsan lsan ubsan; do
-    lib=$(ldd "$preload" | awk -v n="lib$name.so" 'index($1, n) == 1 && $3 ~ /^\// { print $3 }')
-    if [ -n "$lib" ]; then preload_list="$preload_list$lib "; fi
-  done
-fi
-preload_list="$preload_list$preload"
+# shellcheck source=tests/preload/preload_list.sh
+source "$(dirname "$0")/preload_list.sh"
+preload_list=$(preload_list "$preload")
 
 # What the dynamic linker sees.
 if command -v nm >/dev/null 2>&1; then

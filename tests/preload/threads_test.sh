@@ -21,7 +21,9 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 program=$(readlink -f "$1")
-preload=$(readlink -f "$2")
+# shellcheck source=tests/preload/preload_list.sh
+source "$(dirname "$0")/preload_list.sh"
+preload=$(preload_list "$(readlink -f "$2")")
 mode=${3:-threads}
 failures=0
 

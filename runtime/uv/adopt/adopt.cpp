@@ -188,6 +188,7 @@ void unlink(Adopted* a) noexcept {
 // Nothing of the engine's may be in flight.
 uv_tcp_t* detach(Adopted* a) noexcept {
   uv_tcp_t* h = a->handle;
+  st::dispose(&a->s);
   unlink(a);
   uv_private::adoption_slot(h) = nullptr;
   a->magic = 0;
