@@ -8,6 +8,7 @@
 #include <bit>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 
@@ -118,6 +119,49 @@ std::string eperm_reason() {
   return reason;
 }
 
+// Test seam: RINGPARK_PROBE_HIDE=OPENAT,STATX (names without IORING_OP_, or
+// opcode numbers) makes the probe report those opcodes as missing, so that the
+// tests can run the per-operation fallback (and, hiding a required opcode, the
+// whole fallback) on a kernel that has them all. Read once per process. Not
+// for production use.
+std::bitset<256> hidden_ops() noexcept {
+  static const std::bitset<256> hidden = [] {
+    static constexpr struct {
+      const char* name;
+      unsigned op;
+    } kNames[] = {
+        {"NOP", IORING_OP_NOP},       {"READ", IORING_OP_READ},
+        {"WRITE", IORING_OP_WRITE},   {"READV", IORING_OP_READV},
+        {"WRITEV", IORING_OP_WRITEV}, {"FSYNC", IORING_OP_FSYNC},
+        {"OPENAT", IORING_OP_OPENAT}, {"CLOSE", IORING_OP_CLOSE},
+        {"STATX", IORING_OP_STATX},   {"RENAMEAT", IORING_OP_RENAMEAT},
+        {"UNLINKAT", IORING_OP_UNLINKAT}, {"MKDIRAT", IORING_OP_MKDIRAT},
+        {"FTRUNCATE", 55},  // Linux 6.9, newer than liburing 2.3's header
+    };
+    std::bitset<256> set;
+    const char* p = std::getenv("RINGPARK_PROBE_HIDE");
+    while (p != nullptr && *p != '\0') {
+      const std::string word(p, std::strcspn(p, ","));
+      p += word.size() + (p[word.size()] == ',');
+      if (word.empty()) continue;
+      char* end = nullptr;
+      const unsigned long number = std::strtoul(word.c_str(), &end, 10);
+      bool known = *end == '\0' && number < set.size();
+      if (known) set.set(number);
+      for (const auto& entry : kNames) {
+        if (word != entry.name) continue;
+        set.set(entry.op);
+        known = true;
+      }
+      if (!known) {
+        std::fprintf(stderr, "ringpark: RINGPARK_PROBE_HIDE: no opcode %s\n", word.c_str());
+      }
+    }
+    return set;
+  }();
+  return hidden;
+}
+
 }  // namespace
 
 std::size_t ring_locked_bytes(unsigned entries) noexcept {
@@ -194,6 +238,7 @@ int setup_ring(io_uring* ring, const RingOptions& options, RingProbe* probe) noe
     if (io_uring_opcode_supported(ops, op)) probe->ops.set(op);
   }
   io_uring_free_probe(ops);
+  probe->ops &= ~hidden_ops();  // the test seam above; nothing unless set
 
   for (io_uring_op op : kRequired) {
     if (!probe->has(op)) {
