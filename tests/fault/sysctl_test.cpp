@@ -24,6 +24,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -306,13 +307,23 @@ Reported run_with_sysctl(SysctlGuard& guard, const std::string& value, bool drop
   return reported;
 }
 
-// The reason main gives today is the syscall's error; once the reason names
-// the sysctl (being changed as part of issue 8), either form is accepted.
-void expect_fallback_for_sysctl(const std::string& backend) {
-  const bool bare = backend == "epoll (io_uring_setup: EPERM)";
-  const bool named = backend.rfind("epoll (", 0) == 0 &&
-                     backend.find("kernel.io_uring_disabled") != std::string::npos;
-  EXPECT_TRUE(bare || named) << "backend: \"" << backend << "\"";
+// What rp_backend() says for each value (runtime/probe: the reason names the
+// sysctl, and for 1 the group that may still set up rings).
+std::string expected_backend(const std::string& value) {
+  const std::string eperm = "epoll (io_uring_setup: EPERM (kernel.io_uring_disabled=";
+  if (value == "2") return eperm + "2: io_uring is off for everyone))";
+  std::string group = "-1";
+  if (int fd = ::open("/proc/sys/kernel/io_uring_group", O_RDONLY | O_CLOEXEC); fd >= 0) {
+    char buf[32] = {};
+    if (::read(fd, buf, sizeof buf - 1) > 0) group = std::to_string(std::atol(buf));
+    ::close(fd);
+  }
+  if (group == "-1") {
+    return eperm +
+           "1, kernel.io_uring_group=-1: only processes with CAP_SYS_ADMIN may set up a ring))";
+  }
+  return eperm + "1: only processes with CAP_SYS_ADMIN or in group " + group +
+         ", kernel.io_uring_group, may set up a ring))";
 }
 
 class IoUringDisabled : public ::testing::Test {
@@ -329,8 +340,8 @@ class IoUringDisabled : public ::testing::Test {
 
 TEST_F(IoUringDisabled, OneMakesAnUnprivilegedProcessFallBackToEpoll) {
   const Reported r = run_with_sysctl(guard_, "1", /*drop_privileges=*/true);
-  expect_fallback_for_sysctl(r.loop_backend);
-  expect_fallback_for_sysctl(r.runtime_backend);
+  EXPECT_EQ(r.loop_backend, expected_backend("1"));
+  EXPECT_EQ(r.runtime_backend, expected_backend("1"));
 }
 
 TEST_F(IoUringDisabled, OneStillLetsRootUseIoUring) {
@@ -342,8 +353,8 @@ TEST_F(IoUringDisabled, OneStillLetsRootUseIoUring) {
 
 TEST_F(IoUringDisabled, TwoMakesEvenRootFallBackToEpoll) {
   const Reported r = run_with_sysctl(guard_, "2", /*drop_privileges=*/false);
-  expect_fallback_for_sysctl(r.loop_backend);
-  expect_fallback_for_sysctl(r.runtime_backend);
+  EXPECT_EQ(r.loop_backend, expected_backend("2"));
+  EXPECT_EQ(r.runtime_backend, expected_backend("2"));
 }
 
 TEST_F(IoUringDisabled, GuardianRestoresTheValueWhenItsProcessIsKilled) {
