@@ -175,6 +175,13 @@ void fail(const char* fmt, ...) {
   va_end(args);
 }
 
+// UV_ECANCELED for a request nobody cancelled: io_uring ends operations it
+// cannot hand to a worker thread that way (tests/fault/nproc_test.cpp).
+const char* uncancelled_hint(ssize_t status) {
+  return status == UV_ECANCELED ? " (a request nobody cancelled: see tests/fault/nproc_test.cpp)"
+                                : "";
+}
+
 // Operations started and completed, by kind.
 enum Kind { kConnect, kWrite, kShutdown, kClose, kFs, kKinds };
 const char* kKindNames[kKinds] = {"connect", "write", "shutdown", "close", "fs request"};
@@ -461,8 +468,13 @@ class Client final : public Endpoint {
     shut_pending_ = false;
     if (status == 0) {
       shut_done_ = true;
-    } else if (!closing_ && !cut_by_server_) {
-      fail("client %" PRIu64 ": shutdown: %s", id_, uv_strerror(status));
+    } else if (!closing_) {
+      // The peer will not see our EOF, so no end of the echo will come.
+      if (!cut_by_server_) {
+        fail("client %" PRIu64 ": shutdown: %s%s", id_, uv_strerror(status),
+             uncancelled_hint(status));
+      }
+      close();
     }
   }
 
@@ -791,7 +803,7 @@ class FileWorker {
     switch (step_) {
       case Step::open: {
         if (result < 0) {
-          fail("file: open: %s", uv_strerror(static_cast<int>(result)));
+          fail("file: open: %s%s", uv_strerror(static_cast<int>(result)), uncancelled_hint(result));
           return end_cycle();
         }
         fd_ = static_cast<uv_file>(result);
@@ -835,7 +847,8 @@ class FileWorker {
         return maybe_fsync();
       case Step::truncate:
         if (result != 0) {
-          fail("file: ftruncate: %s", uv_strerror(static_cast<int>(result)));
+          fail("file: ftruncate: %s%s", uv_strerror(static_cast<int>(result)),
+               uncancelled_hint(result));
           return close_file();
         }
         return submit(Step::fstat_truncated, rp_fs_fstat(loop, &req_, fd_, &FileWorker::on_fs));
@@ -846,17 +859,23 @@ class FileWorker {
         }
         return maybe_fsync();
       case Step::fsync:
-        if (result != 0) fail("file: fsync: %s", uv_strerror(static_cast<int>(result)));
+        if (result != 0)
+          fail("file: fsync: %s%s", uv_strerror(static_cast<int>(result)),
+               uncancelled_hint(result));
         return close_file();
       case Step::close:
-        if (result != 0) fail("file: close: %s", uv_strerror(static_cast<int>(result)));
+        if (result != 0)
+          fail("file: close: %s%s", uv_strerror(static_cast<int>(result)),
+               uncancelled_hint(result));
         fd_ = -1;
         if (rng_.chance(0.5)) {
           return submit(Step::unlink, rp_fs_unlink(loop, &req_, path_.c_str(), &FileWorker::on_fs));
         }
         return end_cycle();
       case Step::unlink:
-        if (result != 0) fail("file: unlink: %s", uv_strerror(static_cast<int>(result)));
+        if (result != 0)
+          fail("file: unlink: %s%s", uv_strerror(static_cast<int>(result)),
+               uncancelled_hint(result));
         return end_cycle();
     }
   }
