@@ -754,6 +754,16 @@ void advance(Stream* s, WriteReq* w, std::size_t n) noexcept {
   while (w->index < w->nbufs && w->iov[w->index].iov_len == 0) ++w->index;
 }
 
+// Writes queued this turn, whose send waits for the turn's end, at a close:
+// libuv would have written them inside uv_write already, so they go out now,
+// ahead of the cancel (which then finds them done, or ends what is left).
+void send_before_close(Stream* s) noexcept {
+  if (!s->write_head || s->write_active || (s->flags & kConnecting) || s->fd() < 0) return;
+  start_writes(s);
+  // Closing already (a close from a write callback): the cancel comes now.
+  if (s->closing()) s->life.io().cancel(&s->write_head->op);
+}
+
 void on_write_op(Op* op, int res, std::uint32_t) noexcept {
   auto* head = static_cast<WriteReq*>(op->data);
   Stream* s = head->stream;
@@ -781,11 +791,20 @@ void on_write_op(Op* op, int res, std::uint32_t) noexcept {
     finish_write(s, head, s->closing() ? UV_ECANCELED : res);
   } else {
     // Callbacks may close the stream or queue more writes; neither touches
-    // the writes already complete, which stay at the head of the queue.
+    // the writes already complete, which stay at the head of the queue (a
+    // close in a callback leaves the writes queued since for after the loop).
+    s->finishing_writes = true;
     for (; complete > 0; --complete) finish_write(s, s->write_head, 0);
+    s->finishing_writes = false;
   }
-  // The rest (a short send, more writes, the shutdown) at the end of the turn.
-  pump_writes(s);
+  if (s->send_at_close) {
+    // A callback above closed the stream: what it queued goes out now.
+    s->send_at_close = false;
+    send_before_close(s);
+  } else {
+    // The rest (a short send, more writes, the shutdown) at the end of the turn.
+    pump_writes(s);
+  }
   settle(s);
 }
 
@@ -1037,11 +1056,12 @@ void dispose(Stream* s) noexcept {
 
 bool close(Stream* s) noexcept {
   if (s->closing()) return false;
-  // Writes queued this turn, whose send waits for the turn's end: libuv would
-  // have written them inside uv_write already, so they go out now, ahead of
-  // the cancel (which then finds them done, or ends what is left).
-  if (s->write_head && !s->write_active && !(s->flags & kConnecting) && s->fd() >= 0) {
-    start_writes(s);
+  // Inside a write callback the writes before it are still being finished:
+  // on_write_op sends what is queued once they are.
+  if (s->finishing_writes) {
+    s->send_at_close = true;
+  } else {
+    send_before_close(s);
   }
   s->flags = (s->flags | kClosing) & ~(kReading | kListening);
   return s->life.close();

@@ -177,6 +177,8 @@ struct Stream {
   bool in_alloc = false;        // inside alloc: a nested read_start must not arm
   bool read_cancelled = false;  // read_stop cancelled the op in flight
   bool write_active = false;    // the head write's op is in flight
+  bool finishing_writes = false;  // on_write_op is running the callbacks of sent writes
+  bool send_at_close = false;     // closed meanwhile: send what is queued after them
   ReadMode read_mode = ReadMode::undecided;
   bool ms_active = false;     // ms_op is in flight
   bool ms_cancelled = false;  // we asked ms_op to end (read stop, pause, close)
