@@ -10,8 +10,7 @@
 #      unchanged, under LD_PRELOAD=libringpark-preload.so, so that the tests'
 #      own TCP streams are adopted.
 # Every CTest run includes the fault tests (tests/fault) and the soak's short
-# form (tests/soak, about 10 s per backend and build; disabled while a known
-# bug crashes it, see tests/soak/CMakeLists.txt).
+# form (tests/soak, about 10 s per backend and build).
 # Set RINGPARK_QUICK=1 to skip 2 to 5.
 set -euo pipefail
 cd "$(dirname "$0")/.."

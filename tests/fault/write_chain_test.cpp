@@ -5,24 +5,16 @@
 // peer must receive every byte in order; and so when the stream is closed
 // right after a callback queued more writes.
 //
-// The second case is a known bug, found by the soak (tests/soak) on main at
-// 346ddc8 ("writes start at the end of the turn"): writes queued in a turn
-// and completed with UV_ECANCELED by an rp_close in that same turn (their
-// requests freed in their callbacks) are still submitted at the end of the
-// turn, from IoBackend::run_deferred (AddressSanitizer: heap-use-after-free in
-// UringDriver::track, or FallbackDriver::dispatch on the fallback; without
-// ASan a segfault, or the driver's abort "CQE for op ... that is not in
-// flight", on io_uring, and silent memory corruption on the fallback, where
-// the soak then aborts with "op ... submitted while still in flight"). The
-// process may die, so the bug cannot be detected and skipped at run time:
-// that case skips unless RINGPARK_TEST_KNOWN_BUGS=1. Runs on both backends.
+// The second case is a regression test for a bug the soak (tests/soak) found:
+// a close from a write callback started the writes still queued over the
+// ones being finished, whose requests their callbacks then freed while the
+// kernel held them (heap-use-after-free under AddressSanitizer, an abort or
+// memory corruption without it). Runs on both backends.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <uv.h>
 
 #include <chrono>
-#include <cstdlib>
-#include <cstring>
 #include <random>
 #include <string>
 
@@ -150,23 +142,9 @@ void run_chain(int close_after) {
   EXPECT_EQ(rp_loop_close(&loop), 0);
 }
 
-bool known_bugs_run() {
-  const char* known = std::getenv("RINGPARK_TEST_KNOWN_BUGS");
-  return known != nullptr && std::strcmp(known, "1") == 0;
-}
-
 TEST(WriteChain, EachCallbackFreesItsRequestAndQueuesTheNextWrite) { run_chain(-1); }
 
-TEST(WriteChain, CloseRightAfterQueuingWritesFromAWriteCallback) {
-  if (!known_bugs_run()) {
-    GTEST_SKIP() << "KNOWN BUG (stream engine, deferred writes): writes queued in a turn and "
-                    "completed by an rp_close in the same turn (UV_ECANCELED, request freed in "
-                    "the callback) are still submitted at the end of the turn (heap-use-after-"
-                    "free under ASan; otherwise the driver aborts). The process dies, so the "
-                    "check runs only with RINGPARK_TEST_KNOWN_BUGS=1.";
-  }
-  run_chain(300);
-}
+TEST(WriteChain, CloseRightAfterQueuingWritesFromAWriteCallback) { run_chain(300); }
 
 }  // namespace
 }  // namespace ringpark::test
