@@ -931,6 +931,7 @@ void FallbackDriver::dispatch() noexcept {
   std::vector<Completion> batch;
   batch.swap(ready_);
   for (const Completion& c : batch) {
+    ++stats_.completions;
     if (c.flags & kMore) {
       c.op->complete(c.op, c.res, kMore);
       if (forked()) return;
@@ -962,6 +963,13 @@ bool FallbackDriver::has_work() const noexcept {
 }
 
 // ---- Park -------------------------------------------------------------------
+
+void FallbackDriver::flush() noexcept {
+  if (closed_ || forked()) return;
+  run_deferred();
+  start_fresh();
+  sync_fds();
+}
 
 void FallbackDriver::park(Timeout timeout) noexcept {
   if (closed_ || forked()) return;

@@ -45,6 +45,7 @@ struct FallbackStats {
   std::uint64_t syscalls = 0;    // syscalls made on the loop thread for ops
   std::uint64_t epoll_ctls = 0;  // registration changes for the ops' fds
   std::uint64_t pool_jobs = 0;   // ops handed to the thread pool
+  std::uint64_t completions = 0;  // completions run (final or not)
 };
 
 class FallbackDriver final : public Park, public IoBackend {
@@ -94,8 +95,11 @@ class FallbackDriver final : public Park, public IoBackend {
   std::size_t in_flight() const noexcept override { return ops_.size(); }
   // Every op runs here, none as the kernel's own asynchronous operation.
   bool native(OpCode) noexcept override { return false; }
-  // Nothing waits for a submission: ops start at the next park or turn.
-  void flush() noexcept override {}
+  // Runs the deferred work and starts what is queued (readiness ops try their
+  // syscall now, the rest wait on epoll or go to the pool), so that a loop
+  // about to sleep elsewhere sees their completions through has_completions()
+  // or the epoll fd. Runs no callback.
+  void flush() noexcept override;
   // The outer loop's side (IoBackend): the EpollReactor's fd, readable when
   // readiness or pool results are pending; queued completions show through
   // has_completions() and wake_outer(), which signals the reactor's wake fd.

@@ -83,10 +83,12 @@ ChainStats Chain::stats() const noexcept {
     s.enters = d.enters;
     s.sqes_submitted = d.sqes_submitted;
     s.cqes_reaped = d.cqes_reaped;
+    s.completions = d.cqes_reaped;
   } else {
     const FallbackStats& f = fallback_->stats();
     s.turns = f.turns;
     s.enters = f.waits;
+    s.completions = f.completions;
   }
   return s;
 }

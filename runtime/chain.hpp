@@ -38,6 +38,7 @@ struct ChainStats {
   std::uint64_t enters = 0;  // io_uring_enter calls, or epoll_wait calls on the fallback
   std::uint64_t sqes_submitted = 0;
   std::uint64_t cqes_reaped = 0;  // 0 on the fallback, like sqes_submitted
+  std::uint64_t completions = 0;  // completions run: the CQEs, or the fallback's results
 };
 
 // RINGPARK_BACKEND from the environment: "epoll" forces the fallback, "uring"

@@ -275,7 +275,7 @@ void LoopContext::sleep_in_ring() noexcept {
     // executor -> timer -> driver: the driver folds uv_backend_timeout into its
     // wait and "turns" the reactor (marks it ready) when libuv's epoll fd is
     // readable or libuv's next timer is due.
-    const std::uint64_t reaped = chain_->stats().cqes_reaped;
+    const std::uint64_t reaped = chain_->stats().completions;
     // Our wake handle is referenced only while ringpark is busy; once it is not,
     // uv_backend_timeout must see that (0 when nothing else is alive).
     update_ref();
@@ -291,7 +291,7 @@ void LoopContext::sleep_in_ring() noexcept {
       notice_fork();
       break;
     }
-    if (mode_ == UV_RUN_ONCE && chain_->stats().cqes_reaped != reaped) {
+    if (mode_ == UV_RUN_ONCE && chain_->stats().completions != reaped) {
       // Ringpark callbacks ran: that is the progress ONCE waits for. Return to
       // libuv, whose poll must then not block: the eventfd makes it readable.
       // (Even when libuv's own fd is readable too: its event may be stale,
@@ -328,7 +328,17 @@ void LoopContext::on_prepare(uv_prepare_t* handle) {
       libuv_has_work = self->reactor_->ready() && uv_backend_timeout(self->loop_) == 0 &&
                        !uv_private::watchers_pending(self->loop_);
     } else {
+      const std::uint64_t ran = self->chain_->stats().completions;
       self->chain_->top().turn();
+      // Ringpark callbacks ran here, before libuv's poll: under UV_RUN_ONCE
+      // (or a plain uv_run, whose mode we cannot see) that is the progress
+      // the caller waits for, so the poll must not block. (The writes those
+      // callbacks queue start before it, in before_libuv_sleeps, and
+      // complete without arming anything new.)
+      if ((!self->running_ || self->mode_ == UV_RUN_ONCE) &&
+          self->chain_->stats().completions != ran) {
+        self->chain_->io().wake_outer();
+      }
     }
   }
   self->notice_fork();  // a callback may have forked

@@ -940,6 +940,44 @@ TEST_F(UvTcp, DataArrivingDuringALongCallbackOrTheSleepAfterItWakesTheLoop) {
   }
 }
 
+// Writes start at the end of the turn that queued them (IoBackend::defer). A
+// write queued from a read callback that also stops reading, so that nothing
+// else is left to start, must still go out before the loop sleeps (an HTTP
+// server answering "Connection: close" does this). No ticking timer runs to
+// hide a stall: the watchdog fails one.
+TEST_F(UvTcp, AWriteQueuedInTheLastReadCallbackGoesOutBeforeTheLoopSleeps) {
+  ASSERT_EQ(rp_uv_attach(&loop_), 0);
+  auto [client, peer] = quiet_pair();
+  ASSERT_EQ(rp_read_start(&client->tcp, &alloc_cb, &on_read), 0);
+  for (bool plain : {true, false}) {
+    SCOPED_TRACE(plain ? "uv_run" : "rp_uv_run");
+    ASSERT_EQ(rp_read_start(&peer->tcp, &alloc_cb,
+                            [](rp_tcp_t* h, ssize_t n, const uv_buf_t* buf) {
+                              if (n <= 0) return std::free(buf->base);
+                              EXPECT_EQ(rp_read_stop(h), 0);
+                              // The write frees the buffer.
+                              write_owned(static_cast<Conn*>(h->data), buf->base,
+                                          static_cast<std::size_t>(n));
+                            }),
+              0);
+    const std::size_t before = client->received.size();
+    client->pings_left = 1;
+    g_pinging = 1;
+    g_stop_when_done = &loop_;
+    send_ping(client);  // the client stops the loop when the echo is in
+    {
+      Watchdog dog(10s, "an echo written from the read callback that stopped reading");
+      if (plain) {
+        EXPECT_EQ(uv_run(&loop_, UV_RUN_DEFAULT), 1);  // stopped, handles still active
+      } else {
+        EXPECT_EQ(rp_uv_run(&loop_, UV_RUN_DEFAULT), 1);
+      }
+    }
+    g_stop_when_done = nullptr;
+    EXPECT_EQ(client->received.size() - before, 64u);
+  }
+}
+
 // ---- Interop with plain libuv -----------------------------------------------------------
 
 TEST_F(UvTcp, LibuvClientTalksToRingparkServerOnTheSameLoop) {
