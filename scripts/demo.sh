@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The main job: what ringpark does, measured side by side with what a user would
 # otherwise use, in one short run (a few minutes; each part prints its table):
-#   1. TCP echo: ringpark's rp_tcp_t and an unmodified libuv echo under rp_uv_run,
-#      against the same echo on plain libuv and a hand-written epoll loop;
-#   2. HTTP plaintext: one server on rp_tcp_t and on plain libuv, and nginx (wrk);
-#   3. files: 4 KiB random reads, rp_fs_read against uv_fs_read on libuv's pool,
+#   1. TCP echo: an unchanged libuv echo server under LD_PRELOAD of ringpark
+#      (its own streams adopted onto the ring), and the same server rewritten
+#      to rp_tcp_t, against plain libuv and a hand-written epoll loop;
+#   2. HTTP plaintext: the unchanged libuv server under the preload, on
+#      rp_tcp_t, on plain libuv, and nginx (wrk);
+#   3. node: Debian 12's node 18, unchanged, serving HTTP, plain and under the
+#      preload (needs root; fetched with apt-get download, skipped without);
+#   4. files: 4 KiB random reads, rp_fs_read against uv_fs_read on libuv's pool,
 #      and fio's io_uring engine (a 1 GiB file is made once in /tmp);
-#   4. scale: the echo on one thread and on two (SO_REUSEPORT), as server
+#   5. scale: the echo on one thread and on two (SO_REUSEPORT), as server
 #      efficiency.
-# bench/run.sh, bench/http/run.sh, bench/files/run.sh and bench/scale/run.sh
-# take --full for the long versions; bench/RESULTS.md holds the latest full
-# tables.
+# Every bench script takes --full (or more rounds) for the long versions;
+# bench/RESULTS.md holds the latest full tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
@@ -28,14 +31,21 @@ cmake -S . -B build-release -DCMAKE_BUILD_TYPE=Release -DRINGPARK_BUILD_TESTS=OF
 cmake --build build-release -j"$(nproc)" >/dev/null
 
 echo "== 1. TCP echo (64-byte messages; CONNSxDEPTH)"
-bash bench/run.sh --rounds 1 --seconds 1.5 --workloads 1x1,50x16 \
-  --contenders uv,uv_pool,uv_rp,rp_echo,rp_pool,coro_echo,epoll --no-separate build-release
+bash bench/run.sh --rounds 1 --seconds 1.5 --workloads 1x1,50x1,50x16 \
+  --contenders uv,uv_preload,rp_echo,epoll --no-separate build-release
 echo
 echo "== 2. HTTP plaintext (wrk, 50 connections)"
-bash bench/http/run.sh --rounds 1 --seconds 2 build-release
+bash bench/http/run.sh --rounds 1 --seconds 2 --contenders uv,uv_preload,rp,nginx build-release
 echo
-echo "== 3. Files (4 KiB random reads from the page cache, one core)"
+echo "== 3. node 18 HTTP hello (wrk, 50 connections)"
+if [ "$(id -u)" -eq 0 ]; then
+  bash bench/node/run.sh --rounds 1 --seconds 2 build-release || echo "(node part failed)"
+else
+  echo "(skipped: node 18 runs in a mount namespace of its own, which needs root)"
+fi
+echo
+echo "== 4. Files (4 KiB random reads from the page cache, one core)"
 bash bench/files/run.sh --rounds 1 --seconds 0.5 --qds 1,32 --no-direct build-release
 echo
-echo "== 4. Scale (rp_echo --pool on 1 and 2 threads, 500 connections x 16)"
+echo "== 5. Scale (rp_echo --pool on 1 and 2 threads, 500 connections x 16)"
 bash bench/scale/run.sh --rounds 1 --seconds 1.5 --workloads 500x16 build-release
