@@ -83,9 +83,30 @@ struct AdoptSet final : LoopContext::Extension {
     for (Adopted* a = head; a != nullptr; a = a->next) st::after_fork(&a->s, &ctx->chain().io());
   }
 
+  // Keeps a WriteReq for the next write, up to kMaxFreeWrites of them (a burst
+  // of queued writes should not pin its memory for the loop's life).
+  void recycle(st::WriteReq* w) noexcept {
+    if (free_count >= kMaxFreeWrites) {
+      delete w;
+      return;
+    }
+    w->next = free_writes;
+    free_writes = w;
+    ++free_count;
+  }
+  st::WriteReq* take() noexcept {
+    st::WriteReq* w = free_writes;
+    if (w == nullptr) return new (std::nothrow) st::WriteReq;
+    free_writes = w->next;
+    --free_count;
+    return w;
+  }
+  static constexpr unsigned kMaxFreeWrites = 1024;
+
   LoopContext* ctx = nullptr;
   Adopted* head = nullptr;
   st::WriteReq* free_writes = nullptr;
+  unsigned free_count = 0;
   std::unordered_set<const uv_stream_t*> released;
   Counts counts;
 };
@@ -147,8 +168,7 @@ void host_write_done(st::Stream* s, st::WriteReq* w, int status) noexcept {
   a->handle->write_queue_size = s->queued_bytes;
   // The engine is done with the WriteReq (its final completion came): back to
   // the pool before the callback, which may write again.
-  w->next = a->set->free_writes;
-  a->set->free_writes = w;
+  a->set->recycle(w);
   uv_private::req_unregister(a->handle->loop);
   req->error = status;
   if (req->cb) req->cb(req, status);  // the request may be freed from here on
@@ -404,16 +424,10 @@ int write2(uv_write_t* req, uv_stream_t* stream, const uv_buf_t bufs[], unsigned
   if (uv_private::stream_fd(stream) < 0 || (h->flags & uf::kClosing)) return UV_EBADF;
   if (!(h->flags & uf::kWritable)) return UV_EPIPE;
   AdoptSet* set = a->set;
-  st::WriteReq* w = set->free_writes;
-  if (w != nullptr) {
-    set->free_writes = w->next;
-  } else {
-    w = new (std::nothrow) st::WriteReq;
-    if (w == nullptr) return UV_ENOMEM;
-  }
+  st::WriteReq* w = set->take();
+  if (w == nullptr) return UV_ENOMEM;
   if (int err = st::write_prepare(w, bufs, nbufs); err < 0) {
-    w->next = set->free_writes;
-    set->free_writes = w;
+    set->recycle(w);
     return err;
   }
   w->owner = req;
