@@ -151,28 +151,32 @@ io_uring_sqe* UringDriver::get_sqe() noexcept {
   io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
   while (sqe == nullptr) {
     // SQ full: hand what is queued to the kernel and retry; never drop.
-    make_cq_room();
-    ++stats_.enters;
-    int r = io_uring_submit(&ring_);
-    if (r > 0) stats_.sqes_submitted += static_cast<unsigned>(r);
-    if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR) {
-      // The ring refuses submissions for good (-EBADF, -EEXIST from another
-      // thread of a SINGLE_ISSUER ring...): retrying would spin forever.
-      std::fprintf(stderr, "ringpark: io_uring_submit failed: %s\n", errno_name(r));
-      std::abort();
-    }
-    if (r == -EBUSY || r == -EAGAIN) {
-      // The CQ is backed up: move its entries aside (dispatched by the next
-      // reap, never inside submit) so the kernel can take SQEs again.
-      std::size_t taken = take_cqes(deferred_);
-      if (taken == 0 && io_uring_cq_has_overflow(&ring_)) {
-        ++stats_.enters;
-        io_uring_get_events(&ring_);
-      }
-    }
+    submit_queued();
     sqe = io_uring_get_sqe(&ring_);
   }
   return sqe;
+}
+
+void UringDriver::submit_queued() noexcept {
+  make_cq_room();
+  ++stats_.enters;
+  int r = io_uring_submit(&ring_);
+  if (r > 0) stats_.sqes_submitted += static_cast<unsigned>(r);
+  if (r < 0 && r != -EBUSY && r != -EAGAIN && r != -EINTR) {
+    // The ring refuses submissions for good (-EBADF, -EEXIST from another
+    // thread of a SINGLE_ISSUER ring...): retrying would spin forever.
+    std::fprintf(stderr, "ringpark: io_uring_submit failed: %s\n", errno_name(r));
+    std::abort();
+  }
+  if (r == -EBUSY || r == -EAGAIN) {
+    // The CQ is backed up: move its entries aside (dispatched by the next
+    // reap, never inside submit) so the kernel can take SQEs again.
+    std::size_t taken = take_cqes(deferred_);
+    if (taken == 0 && io_uring_cq_has_overflow(&ring_)) {
+      ++stats_.enters;
+      io_uring_get_events(&ring_);
+    }
+  }
 }
 
 void UringDriver::prepare(io_uring_sqe* sqe, Op* op) noexcept {
@@ -315,6 +319,38 @@ void UringDriver::submit(Op* op) noexcept {
   if (!supports(op->code)) return complete_later(op, -EOPNOTSUPP);
   prepare(get_sqe(), op);
   track(op);
+}
+
+std::size_t UringDriver::submit_in_order(Op* const* ops, std::size_t n) noexcept {
+  if (n == 0) return 0;
+  if (n == 1 || closed_ || shutting_down_ || forked() || !supports(ops[0]->code)) {
+    // None of them reaches the kernel now (or one alone): each ends as
+    // submit() ends it, in this order.
+    for (std::size_t i = 0; i < n; ++i) submit(ops[i]);
+    return n;
+  }
+  // A chain must sit in consecutive SQEs of one submission: the kernel cuts
+  // it at the end of a batch, and the part that comes later could then run
+  // beside it. So at most half the SQ, and room for all of it now.
+  const std::size_t most = ring_.sq.ring_entries / 2 > 0 ? ring_.sq.ring_entries / 2 : 1;
+  if (n > most) n = most;
+  while (io_uring_sq_space_left(&ring_) < n) submit_queued();
+  for (std::size_t i = 0; i < n; ++i) {
+    Op* op = ops[i];
+    if (op->state != Op::State::idle) {
+      std::fprintf(stderr, "ringpark: op %p submitted while still in flight\n",
+                   static_cast<void*>(op));
+      std::abort();
+    }
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    prepare(sqe, op);
+    // A soft link: an op that fails ends the rest of the chain with
+    // -ECANCELED, so nothing after a datagram that did not leave overtakes
+    // it when the owner sends it again.
+    if (i + 1 < n) sqe->flags |= IOSQE_IO_LINK;
+    track(op);
+  }
+  return n;
 }
 
 bool UringDriver::supports(OpCode code) noexcept {

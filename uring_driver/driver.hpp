@@ -101,6 +101,9 @@ class UringDriver final : public Park, public IoBackend {
   // cancel() touch nothing: a submitted op joins those in flight at the fork,
   // which abandon() forgets. park(), turn() and flush() return at once there.
   void submit(Op* op) noexcept override;
+  // Links the ops (IOSQE_IO_LINK) in consecutive SQEs, at most half the SQ at
+  // a time; see IoBackend::submit_in_order.
+  std::size_t submit_in_order(Op* const* ops, std::size_t n) noexcept override;
   void cancel(Op* op) noexcept override;
   std::size_t in_flight() const noexcept override { return user_in_flight_; }
   // Whether this kernel's io_uring runs `code` (others complete -EOPNOTSUPP).
@@ -202,6 +205,8 @@ class UringDriver final : public Park, public IoBackend {
   UringDriver(Reactor* inner, const RingProbe& probe, const RingOptions& options);
 
   io_uring_sqe* get_sqe() noexcept;
+  // The SQ is full (or short of room): hands what is queued to the kernel.
+  void submit_queued() noexcept;
   void prepare(io_uring_sqe* sqe, Op* op) noexcept;
   void complete_later(Op* op, int res) noexcept;
   void arm_internal(bool watch_inner) noexcept;

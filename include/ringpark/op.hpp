@@ -162,6 +162,21 @@ class IoBackend {
   // it with -ECANCELED). Nothing reaches the kernel before the next park or
   // turn: every op queued during a turn goes out in one submission.
   virtual void submit(Op* op) noexcept = 0;
+  // Queues the sendmsg ops `ops[0..n)`, all on one socket, so that they leave
+  // in this order even when the socket's send buffer is full (submit() keeps
+  // no order then on io_uring). Each completes through its own op->complete,
+  // as submit()'s do, in this order. On io_uring they are linked: each starts
+  // only once the one before it has completed, and one that fails (a
+  // negative result, or a cancel) ends every later one with -ECANCELED,
+  // unsent: the owner queues those again. The fallback keeps one socket's
+  // sendmsg ops in submission order by itself and ends none early. Returns
+  // how many it took (at least 1 when n > 0; fewer than n when the backend
+  // cannot link that many at once): queue the rest only once these have
+  // completed, or they could overtake them. Never blocks; loop thread only.
+  virtual std::size_t submit_in_order(Op* const* ops, std::size_t n) noexcept {
+    for (std::size_t i = 0; i < n; ++i) submit(ops[i]);
+    return n;
+  }
   // Asks for `op` to end early; it then completes with -ECANCELED (or its real
   // result if it finished first). A request: `op` and its buffers stay owned by
   // the backend until its final completion.

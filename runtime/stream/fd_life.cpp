@@ -10,7 +10,7 @@ bool FdLife::close() noexcept {
   if (closing_) return false;
   closing_ = true;
   hooks_->cancel_all(this);
-  if (in_flight_ == 0) {
+  if (in_flight_ == 0 && holds_ == 0) {
     // Nothing in flight: finish from the loop all the same, never in here.
     op_.code = OpCode::nop;
     op_.complete = &FdLife::on_op;
@@ -55,6 +55,7 @@ void FdLife::forget_in_flight(IoBackend* io) noexcept {
   io_ = io;
   if (shared_) *shared_ -= in_flight_;
   in_flight_ = 0;
+  holds_ = 0;
   op_.state = Op::State::idle;
   op_.next_ = op_.prev_ = nullptr;
   if (closing_ && !closed_) {

@@ -56,7 +56,8 @@ class FdLife {
   void* owner() const noexcept { return owner_; }
   IoBackend& io() const noexcept { return *io_; }
   bool closing() const noexcept { return closing_; }
-  std::uint32_t in_flight() const noexcept { return in_flight_; }
+  // The owner's ops in flight, and its holds (hold()).
+  std::uint32_t in_flight() const noexcept { return in_flight_ + holds_; }
 
   // Submits one of the owner's ops and counts it until ended().
   void submit(Op* op) noexcept {
@@ -64,6 +65,20 @@ class FdLife {
     if (shared_) ++*shared_;
     io_->submit(op);
   }
+  // Submits the owner's sendmsg ops with IoBackend::submit_in_order and
+  // counts those it took, each until ended(). Returns how many it took.
+  std::size_t submit_in_order(Op* const* ops, std::size_t n) noexcept {
+    const std::size_t taken = io_->submit_in_order(ops, n);
+    in_flight_ += static_cast<std::uint32_t>(taken);
+    if (shared_) *shared_ += taken;
+    return taken;
+  }
+  // Counts something of the owner's that is not an op but must end before
+  // the close goes on (work it asked the loop to run later, which touches
+  // the owner), until release(). Not counted in share_count()'s total.
+  void hold() noexcept { ++holds_; }
+  // The end of a hold(); then settle(), as after an op.
+  void release() noexcept { --holds_; }
   // From the final completion of one of the owner's ops, before the owner
   // looks at anything else.
   void ended() noexcept {
@@ -80,13 +95,14 @@ class FdLife {
   // Last in every completion of the owner's: once a closing life has nothing
   // in flight, go on to step 3. Nothing may touch the owner after this returns.
   void settle() noexcept {
-    if (closing_ && in_flight_ == 0 && !drained_) drain();
+    if (closing_ && in_flight_ == 0 && holds_ == 0 && !drained_) drain();
   }
   // Step 2. Returns false (and does nothing) when already closing.
   bool close() noexcept;
 
   // A forked child: nothing in the old backend will ever complete here. The
-  // count starts again at zero on `io`, the child's backend.
+  // count starts again at zero on `io`, the child's backend, and so do the
+  // holds (the work they stood for was the parent's loop's).
   void forget_in_flight(IoBackend* io) noexcept;
 
  private:
@@ -102,6 +118,7 @@ class FdLife {
   bool drained_ = false;
   bool closed_ = false;  // `closed` has run (or is running): nothing is left to do
   std::uint32_t in_flight_ = 0;
+  std::uint32_t holds_ = 0;
   std::size_t* shared_ = nullptr;  // see share_count()
   // The barrier nop of a close with nothing in flight, then the close op. The
   // kernel reads nothing of it but its fields at submission.

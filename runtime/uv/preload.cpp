@@ -12,7 +12,16 @@
 //   (runtime/uv/adopt/adopt.hpp). libuv calls uv_write2, uv_try_write2,
 //   uv_read_stop and uv_close from inside itself through its PLT (uv_write,
 //   uv_try_write, uv_close's stream close, uv_tcp_close_reset), so those
-//   reach the interposers too; its other internal calls do not need to.
+//   reach the interposers too; its other internal calls do not need to;
+// - the UDP calls uv_udp_init, uv_udp_init_ex, uv_udp_recv_start,
+//   uv_udp_recv_stop, uv_udp_send, uv_udp_try_send and uv_close's UDP path,
+//   so that the program's own UDP sockets are adopted
+//   (runtime/uv/adopt/udp.hpp). Of these libuv calls only uv_udp_init_ex from
+//   inside itself (uv_udp_init, through its PLT); its internal UDP helpers
+//   (uv__udp_send, uv__udp_recv_start...) are reached only through the
+//   public calls interposed here, and uv__udp_recvmsg's call of
+//   uv_udp_using_recvmmsg (PLT) is left alone: an adopted socket's receives
+//   are never libuv's, and the answer stays libuv's own.
 // Calls with cb == NULL (libuv's synchronous fs mode) go straight to libuv.
 // RINGPARK_BACKEND=epoll still selects the fallback, where rp_fs_* are libuv's
 // own calls and no stream is adopted; RINGPARK_PRELOAD_FS=0 leaves every
@@ -43,6 +52,7 @@
 
 #include "ringpark.h"
 #include "runtime/uv/adopt/adopt.hpp"
+#include "runtime/uv/adopt/udp.hpp"
 #include "runtime/uv/fs.hpp"
 #include "runtime/uv/loop.hpp"
 
@@ -118,6 +128,15 @@ void aim_stream_fns() noexcept {
     aim(f.close, "uv_close");
     aim(f.set_blocking, "uv_stream_set_blocking");
     ringpark::detail::adopt::set_uv_stream_fns(f);
+    ringpark::detail::adopt::udp::UvUdpFns u;
+    aim(u.init, "uv_udp_init");
+    aim(u.init_ex, "uv_udp_init_ex");
+    aim(u.recv_start, "uv_udp_recv_start");
+    aim(u.recv_stop, "uv_udp_recv_stop");
+    aim(u.send, "uv_udp_send");
+    aim(u.try_send, "uv_udp_try_send");
+    aim(u.close, "uv_close");
+    ringpark::detail::adopt::udp::set_uv_udp_fns(u);
   });
 }
 
@@ -220,6 +239,34 @@ RP_EXPORT void uv_close(uv_handle_t* handle, uv_close_cb close_cb) {
 RP_EXPORT int uv_stream_set_blocking(uv_stream_t* handle, int blocking) {
   init_once();
   return ringpark::detail::adopt::set_blocking(handle, blocking);
+}
+
+// The UDP calls: adoption decides, and forwards what it does not take.
+RP_EXPORT int uv_udp_init(uv_loop_t* loop, uv_udp_t* handle) {
+  init_once();
+  return ringpark::detail::adopt::udp::init(loop, handle);
+}
+RP_EXPORT int uv_udp_init_ex(uv_loop_t* loop, uv_udp_t* handle, unsigned int flags) {
+  init_once();
+  return ringpark::detail::adopt::udp::init_ex(loop, handle, flags);
+}
+RP_EXPORT int uv_udp_recv_start(uv_udp_t* handle, uv_alloc_cb alloc_cb, uv_udp_recv_cb recv_cb) {
+  init_once();
+  return ringpark::detail::adopt::udp::recv_start(handle, alloc_cb, recv_cb);
+}
+RP_EXPORT int uv_udp_recv_stop(uv_udp_t* handle) {
+  init_once();
+  return ringpark::detail::adopt::udp::recv_stop(handle);
+}
+RP_EXPORT int uv_udp_send(uv_udp_send_t* req, uv_udp_t* handle, const uv_buf_t bufs[],
+                          unsigned int nbufs, const struct sockaddr* addr, uv_udp_send_cb cb) {
+  init_once();
+  return ringpark::detail::adopt::udp::send(req, handle, bufs, nbufs, addr, cb);
+}
+RP_EXPORT int uv_udp_try_send(uv_udp_t* handle, const uv_buf_t bufs[], unsigned int nbufs,
+                              const struct sockaddr* addr) {
+  init_once();
+  return ringpark::detail::adopt::udp::try_send(handle, bufs, nbufs, addr);
 }
 
 // Each interposer: the real function when the file part is off or the call is

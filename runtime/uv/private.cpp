@@ -172,4 +172,24 @@ void*& adoption_slot(uv_tcp_t* stream) noexcept {
   return reinterpret_cast<void*&>(stream->queued_fds);
 }
 
+int udp_fd(const uv_udp_t* handle) noexcept { return handle->io_watcher.fd; }
+void set_udp_fd(uv_udp_t* handle, int fd) noexcept { handle->io_watcher.fd = fd; }
+
+bool udp_quiet(const uv_udp_t* handle) noexcept {
+  const void* write_queue = &handle->write_queue;
+  const void* completed = &handle->write_completed_queue;
+  const void* pending = &handle->io_watcher.pending_queue;
+  return handle->send_queue_count == 0 && handle->send_queue_size == 0 &&
+         handle->write_queue[0] == write_queue && handle->write_completed_queue[0] == completed &&
+         handle->io_watcher.pevents == 0 && handle->io_watcher.pending_queue[0] == pending &&
+         !(handle->flags & flags::kUdpProcessing);
+}
+
+void*& udp_adoption_slot(uv_udp_t* handle) noexcept {
+  static_assert(sizeof handle->u.reserved >= 2 * sizeof(void*));
+  return handle->u.reserved[1];
+}
+
+void clear_udp_adoption_slot(uv_udp_t* handle) noexcept { handle->u.reserved[1] = nullptr; }
+
 }  // namespace ringpark::detail::uv_private

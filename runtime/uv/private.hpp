@@ -56,6 +56,7 @@ void req_init(uv_loop_t* loop, uv_req_t* req, uv_req_type type) noexcept;
 // for the running version).
 namespace flags {
 constexpr unsigned kClosing = 0x1;
+constexpr unsigned kClosed = 0x2;
 constexpr unsigned kActive = 0x4;
 constexpr unsigned kRef = 0x8;
 constexpr unsigned kListening = 0x40;
@@ -64,6 +65,8 @@ constexpr unsigned kReadEof = 0x800;
 constexpr unsigned kReading = 0x1000;
 constexpr unsigned kReadable = 0x4000;
 constexpr unsigned kWritable = 0x8000;
+constexpr unsigned kUdpProcessing = 0x1000000;
+constexpr unsigned kUdpConnected = 0x2000000;
 }  // namespace flags
 
 // libuv's uv__handle_start / uv__handle_stop: the ACTIVE flag, and the loop's
@@ -88,5 +91,21 @@ void set_shutting(uv_stream_t* stream, uv_shutdown_t* req) noexcept;
 // (queued_fds), where adoption keeps its state. It must be null again before
 // the stream goes back to libuv (uv_close frees it if not).
 void*& adoption_slot(uv_tcp_t* stream) noexcept;
+
+// ---- UDP handles: what adopting a uv_udp_t needs (runtime/uv/adopt/udp.cpp) ---
+//
+// The socket's fd (io_watcher.fd; -1 before a bind), and setting it (-1 once
+// adoption's close took it).
+int udp_fd(const uv_udp_t* handle) noexcept;
+void set_udp_fd(uv_udp_t* handle, int fd) noexcept;
+// True when libuv has nothing of its own going on for the socket: no send
+// queued or owed a callback, its fd watched for nothing, nothing pending.
+bool udp_quiet(const uv_udp_t* handle) noexcept;
+// A pointer-sized word of a UDP handle that libuv on unix never uses
+// (u.reserved[1]: only uv_async_t uses u, and only its fd), where adoption
+// keeps its state. libuv's init does not clear it, so the interposed
+// uv_udp_init(_ex) does (clear_udp_adoption_slot) before any other use.
+void*& udp_adoption_slot(uv_udp_t* handle) noexcept;
+void clear_udp_adoption_slot(uv_udp_t* handle) noexcept;
 
 }  // namespace ringpark::detail::uv_private

@@ -23,6 +23,7 @@
 
 #include "ringpark.h"
 #include "runtime/stream/stream.hpp"
+#include "runtime/uv/adopt/udp.hpp"
 #include "runtime/uv/loop.hpp"
 #include "runtime/uv/private.hpp"
 
@@ -500,6 +501,10 @@ int shutdown(uv_shutdown_t* req, uv_stream_t* stream, uv_shutdown_cb cb) noexcep
 }
 
 void close(uv_handle_t* handle, uv_close_cb cb) noexcept {
+  if (handle != nullptr && handle->type == UV_UDP &&
+      udp::close(reinterpret_cast<uv_udp_t*>(handle), cb)) {
+    return;
+  }
   Adopted* a = handle != nullptr && handle->type == UV_TCP
                    ? adopted(reinterpret_cast<uv_stream_t*>(handle))
                    : nullptr;
@@ -568,21 +573,27 @@ std::string stats_line(LoopContext* ctx) {
     const AdoptSet* set = ctx->find_extension<AdoptSet>();
     return set ? set->counts : Counts{};
   }();
+  std::uint64_t libuv_syscalls = counts.reads + counts.writes;
   if (const char* why = loop_gate(ctx)) {
     line += std::string("; adoption off (") + why + ")";
+    // The UDP part says more only when its own reason differs.
+    if (const char* udp_why = udp::loop_gate(ctx); udp_why == nullptr || std::strcmp(udp_why, why) != 0) {
+      line += udp::stats_part(ctx, &libuv_syscalls);
+    }
   } else {
     line += "; adopted " + std::to_string(counts.adopted) + " streams (" +
             std::to_string(counts.released) + " handed back), " + std::to_string(counts.reads) +
             " reads and " + std::to_string(counts.writes) + " writes through the ring";
+    line += udp::stats_part(ctx, &libuv_syscalls);
   }
   line += "; " + std::to_string(ctx->turns()) + " turns, " + std::to_string(c.enters) +
           (ctx->chain().io().native(OpCode::nop) ? " io_uring_enter calls, " : " epoll_wait calls, ") +
           std::to_string(c.sqes_submitted) + " SQEs, " + std::to_string(c.cqes_reaped) + " CQEs";
-  if (counts.reads + counts.writes > 0) {
+  if (libuv_syscalls > 0) {
     // What libuv would have spent on the same traffic, at the least: a read
-    // or write syscall for each (it also polls, and reads once more to see
-    // EAGAIN when a read does not fill its buffer).
-    line += "; libuv would have made at least " + std::to_string(counts.reads + counts.writes) +
+    // or write syscall for each read, write and datagram (it also polls, and
+    // reads once more to see EAGAIN when a read does not fill its buffer).
+    line += "; libuv would have made at least " + std::to_string(libuv_syscalls) +
             " socket syscalls for these";
   }
   return line;
