@@ -683,18 +683,37 @@ void on_wait_op(Op* op, int, std::uint32_t) noexcept {
 
 // ---- Closing ------------------------------------------------------------------
 
+// The fallback's close barrier: the sends submitted before it have been
+// tried (the fallback starts ops in submission order); those still in
+// flight wait for room, and the close cancels them.
+void on_barrier(Op* op, int, std::uint32_t) noexcept {
+  auto* d = static_cast<Dgram*>(op->data);
+  d->life.ended();
+  d->barrier_active = false;
+  IoBackend& io = d->life.io();
+  for (SendReq* r = d->send_head; r != nullptr; r = r->next) {
+    if (r->state == SendReq::State::in_flight) io.cancel(&r->op);
+  }
+  settle(d);
+}
+
 void cancel_all(FdLife* life) noexcept {
   auto* d = static_cast<Dgram*>(life->owner());
   // Requests, not releases: every op still ends with its own final CQE.
   IoBackend& io = life->io();
   cancel_receive(d);
   if (d->wait_active) io.cancel(&d->wait_op);
-  if (!sends_dont_wait(d)) {
-    // The fallback's sends wait for room in its lists: end them. (On
-    // io_uring none waits: each ends by itself at once.)
-    for (SendReq* r = d->send_head; r != nullptr; r = r->next) {
-      if (r->state == SendReq::State::in_flight) io.cancel(&r->op);
-    }
+  if (!sends_dont_wait(d) && d->chain_left > 0 && !d->barrier_active) {
+    // The fallback's sends wait for room in its lists, and its cancel ends an
+    // op it has not started yet without trying it: the sends the close just
+    // submitted would never be tried. So the cancel comes from a nop queued
+    // behind them. (On io_uring no send waits: each ends by itself at once.)
+    Op& op = d->barrier;
+    op.code = OpCode::nop;
+    op.complete = &on_barrier;
+    op.data = d;
+    d->barrier_active = true;
+    d->life.submit(&op);
   }
 }
 
@@ -889,8 +908,9 @@ void after_fork(Dgram* d, IoBackend* io) noexcept {
   forget(&d->ms_op);
   forget(&d->nop);
   forget(&d->wait_op);
+  forget(&d->barrier);
   d->ms_active = d->ms_cancelled = false;
-  d->nop_active = d->wait_active = false;
+  d->nop_active = d->wait_active = d->barrier_active = false;
   d->deferred = false;
   for (unsigned i = 0; i < d->plain_n; ++i) {
     forget(&d->plain[i].op);

@@ -183,6 +183,8 @@ struct Dgram {
   bool resume = false;  // the nop resumes after a fork
   Op wait_op;  // a poll for POLLOUT: the socket had no room for a send
   bool wait_active = false;
+  Op barrier;  // the fallback's close: cancels the sends tried before it
+  bool barrier_active = false;
   // Sending: the queue in order; [head, unsent) are in the chain in flight.
   SendReq* send_head = nullptr;
   SendReq* send_tail = nullptr;
