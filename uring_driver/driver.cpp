@@ -573,7 +573,12 @@ void UringDriver::dispatch(const Cqe& cqe) noexcept {
     switch (group->classify(op, &res, more, live)) {
       case BufferGroup::Verdict::deliver: break;
       case BufferGroup::Verdict::drop: return;
-      case BufferGroup::Verdict::starved: ++stats_.buffers_ran_out; return;
+      case BufferGroup::Verdict::starved:
+        ++stats_.buffers_ran_out;
+        // Still in flight for its owner, who never sees the -ENOBUFS; a
+        // datagram receive's owner is told that the socket is not drained.
+        if (op->code == OpCode::recvmsg_multishot) op->complete(op, 0, kMore | kDry);
+        return;
     }
   }
   std::uint32_t flags = 0;

@@ -35,8 +35,10 @@
 // (filling a buffer incrementally, as stream bytes do, could cut one at the
 // buffer's end). The owner reads a completion with datagram(), gives its
 // buffer back with recycle_datagram(), and falls back to plain recvmsg on
-// -EOPNOTSUPP. Every socket of the loop shares the group, so its memory does
-// not grow with the number of sockets either.
+// -EOPNOTSUPP. When the ring runs dry the op waits for buffers as a stream's
+// does, and its owner gets one completion flagged kDry (no datagram): the
+// socket is not drained. Every socket of the loop shares the group, so its
+// memory does not grow with the number of sockets either.
 #pragma once
 
 #include <liburing.h>

@@ -83,6 +83,12 @@ inline constexpr std::uint32_t kMore = 1u << 0;
 // back. Mirrors IORING_CQE_F_BUFFER and IORING_CQE_BUFFER_SHIFT.
 inline constexpr std::uint32_t kBuffer = 1u << 1;
 inline constexpr unsigned kBufferIdShift = 16;
+// Set, with kMore and res 0, on a completion of OpCode::recvmsg_multishot that
+// carries no datagram but says: the backend's datagram buffers ran out while
+// datagrams still wait in the socket. The op goes on by itself once buffers
+// come back; an owner that hands datagrams over in batches can wait for the
+// rest of a batch instead of cutting it here (the socket is not drained).
+inline constexpr std::uint32_t kDry = 1u << 2;
 inline constexpr std::uint16_t buffer_id(std::uint32_t flags) noexcept {
   return static_cast<std::uint16_t>(flags >> kBufferIdShift);
 }

@@ -304,6 +304,7 @@ unsigned hand_over_batch(Dgram* d, const Item* items, unsigned n, Out* out) noex
     chunks = 1;
     chunk_len = buf.iov_len;
   }
+  d->batch_chunks = static_cast<unsigned>(chunks);
   unsigned k = 0;
   auto* base = static_cast<char*>(buf.iov_base);
   while (k < n && k < chunks && items[k].error == 0) {
@@ -342,11 +343,13 @@ void deliver_held(Dgram* d) noexcept {
   if (d->held_n > 0 && !d->closing()) keep_held(d);
 }
 
-// What was kept, oldest first, while the reader takes it.
-void deliver_kept(Dgram* d) noexcept {
+// What was kept, oldest first, while the reader takes it; with `full_only`,
+// batches only as full as the reader's last batch buffer.
+void deliver_kept(Dgram* d, bool full_only) noexcept {
   while (d->kept_head != nullptr && reads_now(d) && !(d->flags & kStarved)) {
     Out out;
     if (d->flags & kBatch) {
+      if (full_only && d->kept_n < d->batch_chunks) break;
       Item items[kMaxChunks];
       unsigned n = 0;
       for (Kept* k = d->kept_head; k != nullptr && n < kMaxChunks; k = k->next) {
@@ -383,11 +386,12 @@ void on_item(Dgram* d, const Held& h) noexcept {
     // Behind what is kept, or nobody to take it now.
     keep(d, item_of(h));
     release(d, h);
+    if (reads_now(d) && !(d->flags & kStarved)) want_deferred(d);
     return;
   }
   if (d->flags & kBatch) {
     d->held[d->held_n++] = h;
-    if (d->held_n == kMaxChunks) {
+    if (d->held_n >= d->batch_chunks || d->held_n == kMaxChunks) {
       deliver_held(d);
     } else {
       want_deferred(d);  // the round's batch goes out once its completions have run
@@ -399,6 +403,38 @@ void on_item(Dgram* d, const Held& h) noexcept {
   if (out == Out::no_buffer) starve(d);
   release(d, h);
   if (out == Out::taken) want_deferred(d);  // the round's end
+}
+
+// A receive ended with an error of the socket's: an ICMP error the kernel
+// keeps for the socket's next call (ECONNREFUSED from a closed port, with
+// IP_RECVERR or on a connected socket; EHOSTUNREACH...). libuv reads only
+// once epoll says readable, and epoll reports such an error as POLLERR, not
+// POLLIN: with a send waiting (POLLOUT armed) libuv's send goes first and
+// takes the error (status ECONNREFUSED), and only a socket with nothing to
+// send reads it, handing it to recv_cb. The engine's receive is always armed,
+// so it takes every such error first; it gives it to the send libuv's would
+// have given it to, the first one not yet done, and to the reader only when
+// no send waits.
+void finish_sends(Dgram* d) noexcept;
+
+void on_socket_error(Dgram* d, int err) noexcept {
+  for (SendReq* r = d->send_head; r != nullptr; r = r->next) {
+    if (r->state == SendReq::State::done || r->taken_error != 0) continue;
+    if (r->state == SendReq::State::queued && d->chain_left == 0) {
+      // Not sent yet: as libuv's, it fails with the error and does not leave.
+      r->state = SendReq::State::done;
+      r->res = err;
+      if (d->unsent == r) d->unsent = r->next;
+      finish_sends(d);
+    } else {
+      r->taken_error = err;  // on its way: it reports the error when it ends
+    }
+    return;
+  }
+  Held h{};
+  h.error = err;
+  h.source = kNoSource;
+  on_item(d, h);
 }
 
 // ---- Receiving ----------------------------------------------------------------
@@ -469,6 +505,7 @@ void arm_plain(Dgram* d, Plain& p) noexcept {
 // the plain receives that hold no datagram.
 void arm_receive(Dgram* d) noexcept {
   if (!reads_now(d) || (d->flags & kPaused) || d->fd() < 0) return;
+  if ((d->flags & kErrorsComeBack) && d->chain_left > 0) return;  // see submit_chain
   if (d->mode == RecvMode::multishot) {
     // Armed, or its cancel is on the way and its final completion re-arms.
     if (!d->ms_active) arm_multishot(d);
@@ -513,11 +550,7 @@ void ms_ended(Dgram* d, int res, bool we_cancelled) noexcept {
   if (res == -EOPNOTSUPP) {
     d->mode = RecvMode::plain;  // plain recvmsg from now on
   } else if (res < 0 && !(res == -ECANCELED && we_cancelled)) {
-    // As libuv: the reader gets the error, and receiving goes on.
-    Held h{};
-    h.error = res;
-    h.source = kNoSource;
-    on_item(d, h);
+    on_socket_error(d, res);  // and receiving goes on, as libuv's
   }
   arm_receive(d);
 }
@@ -531,6 +564,7 @@ void on_ms_op(Op* op, int res, std::uint32_t flags) noexcept {
     d->ms_active = false;
     d->ms_cancelled = false;
   }
+  if (flags & kDry) d->flags |= kDryRound;
   if (flags & kBuffer) {
     // The backend's buffer is ours from this completion until release(); the
     // backend (and so the buffer) outlives every op in flight.
@@ -567,10 +601,7 @@ void on_plain_op(Op* op, int res, std::uint32_t) noexcept {
       p->held = true;  // until release(), which arms it again
       on_item(d, h);
     } else if (!(res == -ECANCELED && we_cancelled)) {
-      Held h{};
-      h.error = res;
-      h.source = kNoSource;
-      on_item(d, h);
+      on_socket_error(d, res);
     }
     arm_receive(d);
   }
@@ -622,6 +653,16 @@ void submit_chain(Dgram* d) noexcept {
     r->state = SendReq::State::in_flight;
     ops[n++] = &op;
   }
+  if (d->flags & kErrorsComeBack) {
+    // ICMP errors come back to this socket (IP_RECVERR, or connected): the
+    // kernel keeps one for the socket's next call, and libuv, whose sends go
+    // before its next read, gives it to the next send, which then does not
+    // leave. An armed receive would take it first, and the send behind would
+    // leave and draw another. So no receive while the chain is in flight:
+    // its cancel goes ahead of the chain's sends, and chain_ended() arms it
+    // again (datagrams meanwhile wait in the socket).
+    cancel_receive(d);
+  }
   // Counted before the submit: a backend that is going away completes them
   // inside it.
   d->chain_left += n;
@@ -640,7 +681,9 @@ void submit_chain(Dgram* d) noexcept {
 // a failure cancelled it) goes again, after a wait for room if it found none.
 void chain_ended(Dgram* d, bool no_room) noexcept {
   d->unsent = d->send_head;  // every request still queued is unsent now
-  if (d->unsent == nullptr || d->closing()) return;
+  if (d->closing()) return;
+  arm_receive(d);
+  if (d->unsent == nullptr) return;
   if (no_room) return wait_writable(d);
   want_deferred(d);
 }
@@ -660,6 +703,7 @@ void on_send_op(Op* op, int res, std::uint32_t) noexcept {
     r->state = SendReq::State::done;
     // A send the close kept from leaving is cancelled, as libuv's.
     r->res = d->closing() && (no_room || res == -ECANCELED) ? -ECANCELED : res;
+    if (r->res >= 0 && r->taken_error != 0) r->res = r->taken_error;  // see on_socket_error
   }
   finish_sends(d);
   if (d->chain_left == 0) {
@@ -752,16 +796,27 @@ constexpr FdLife::Hooks kLifeHooks = {&cancel_all, &drained, &closed};
 // receive re-armed after a pause.
 void catch_up(Dgram* d) noexcept {
   if (d->closing()) return;
+  const bool dry = d->flags & kDryRound;
+  d->flags &= ~kDryRound;
   submit_chain(d);
   if (!reads_now(d)) {
     if (d->held_n > 0) keep_held(d);
     return;
   }
   if (d->flags & kStarved) return;  // the nop comes back next round
+  if (dry && (d->flags & kBatch)) {
+    // More datagrams wait in the socket: only full batches now; the rest
+    // waits, copied out of the backend's buffers, for the next round's.
+    keep_held(d);
+    deliver_kept(d, /*full_only=*/true);
+    return arm_receive(d);
+  }
   deliver_held(d);  // older than anything kept
-  deliver_kept(d);
-  if (reads_now(d) && !(d->flags & kStarved) && d->held_n == 0 && d->kept_head == nullptr &&
-      (d->flags & kBatchOpen)) {
+  deliver_kept(d, /*full_only=*/false);
+  // The round's end, unless the socket still has datagrams: libuv's wakeup
+  // ends with "nothing now" only once recvmsg finds the socket empty.
+  if (!dry && reads_now(d) && !(d->flags & kStarved) && d->held_n == 0 &&
+      d->kept_head == nullptr && (d->flags & kBatchOpen)) {
     end_batch(d);
   }
   arm_receive(d);
@@ -847,6 +902,7 @@ int send_prepare(SendReq* r, const iovec* bufs, unsigned nbufs, const sockaddr* 
   r->next = nullptr;
   r->state = SendReq::State::queued;
   r->res = 0;
+  r->taken_error = 0;
   return 0;
 }
 
@@ -931,7 +987,7 @@ void after_fork(Dgram* d, IoBackend* io) noexcept {
     r->res = -ECANCELED;
   }
   d->chain_left = 0;
-  d->flags &= ~(kStarved | kNoRoom | kPaused);
+  d->flags &= ~(kStarved | kNoRoom | kPaused | kDryRound);
   if (d->closing()) return;  // the FdLife finishes the close in the new backend
   d->resume = true;
   schedule_nop(d);

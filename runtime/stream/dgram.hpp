@@ -20,7 +20,10 @@
 //   socket in batch mode (libuv's UV_UDP_RECVMMSG) gets libuv's recvmmsg
 //   contract: one alloc'd buffer per batch, filled with up to 20 datagrams of
 //   one 64 KiB chunk each (kMmsgChunk on each), then recv(0, buffer, no
-//   address, kMmsgFree);
+//   address, kMmsgFree). A round whose receive ran out of the backend's
+//   buffers (kDry: the socket is not drained) is not the end of a batch: its
+//   last, partial batch waits for the next round's datagrams, as libuv's
+//   recvmmsg fills its buffer from a socket that has them;
 // - nothing is lost inside the engine: a datagram that cannot be handed over
 //   now (reading stopped, alloc gave no buffer) is copied out and kept, and
 //   handed over first once the reader can take it; while too much is kept the
@@ -126,6 +129,9 @@ struct SendReq {
   Dgram* dgram = nullptr;
   void* owner = nullptr;  // the front end's request
   int res = 0;
+  // A socket error (an ICMP's: ECONNREFUSED...) the receive took while this
+  // send waited: libuv's send would have taken it (see dgram.cpp).
+  int taken_error = 0;
   enum class State : std::uint8_t { queued, in_flight, done } state = State::queued;
   iovec small[4];
 };
@@ -140,6 +146,8 @@ enum Flag : std::uint32_t {
   kPaused = 1u << 5,     // too much kept: the receive is not re-armed
   kBatchOpen = 1u << 6,  // datagrams went out since the last batch end
   kNoRoom = 1u << 7,     // a send of the chain in flight found no room
+  kDryRound = 1u << 8,   // this round's receive found more than the buffers held
+  kErrorsComeBack = 1u << 9,  // ICMP errors reach the socket (see set_errors_come_back)
 };
 
 // How the socket receives, decided at its first recv_start.
@@ -171,6 +179,7 @@ struct Dgram {
   unsigned plain_n = 0;
   Held held[kMaxChunks];  // a batch socket's datagrams of this round
   unsigned held_n = 0;
+  unsigned batch_chunks = kMaxChunks;  // datagrams the reader's last batch buffer held
   Kept* kept_head = nullptr;  // FIFO; nonempty only while held_n == 0
   Kept* kept_tail = nullptr;
   std::size_t kept_bytes = 0;
@@ -220,6 +229,19 @@ void send(Dgram* d, SendReq* r) noexcept;
 // full, or an error.
 int try_send(Dgram* d, const iovec* bufs, unsigned nbufs, const sockaddr* addr,
              unsigned addrlen) noexcept;
+
+// Whether ICMP errors come back to the socket (IP_RECVERR is set on it, or it
+// is connected): the kernel then keeps an error for the socket's next call,
+// and the engine keeps its receive off while a chain of sends is in flight,
+// so that the next send takes it, as libuv's does (see dgram.cpp). The front
+// end says so whenever it may have changed (before sends, at recv_start).
+inline void set_errors_come_back(Dgram* d, bool on) noexcept {
+  if (on) {
+    d->flags |= kErrorsComeBack;
+  } else {
+    d->flags &= ~kErrorsComeBack;
+  }
+}
 
 // Cancels what waits, sends what can leave, and runs the close protocol;
 // `closed` comes last. Returns false when already closing.

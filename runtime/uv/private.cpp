@@ -192,4 +192,32 @@ void*& udp_adoption_slot(uv_udp_t* handle) noexcept {
 
 void clear_udp_adoption_slot(uv_udp_t* handle) noexcept { handle->u.reserved[1] = nullptr; }
 
+bool udp_fd_claimed(const uv_udp_t* handle) noexcept {
+  const uv_loop_t* loop = handle->loop;
+  const int fd = handle->io_watcher.fd;
+  return fd >= 0 && static_cast<unsigned>(fd) < loop->nwatchers &&
+         loop->watchers[fd] == &handle->io_watcher;
+}
+
+void udp_disarm_keep_fd(uv_udp_t* handle) noexcept {
+  // What uv__io_stop(POLLIN) does, but for loop->watchers[fd] and nfds.
+  uv__io_t* w = &handle->io_watcher;
+  w->pevents = 0;
+  void* node = &w->watcher_queue;
+  next_of(prev_of(node)) = next_of(node);
+  prev_of(next_of(node)) = prev_of(node);
+  next_of(node) = node;
+  prev_of(node) = node;
+  w->events = 0;
+  handle_stop(reinterpret_cast<uv_handle_t*>(handle));
+  handle->alloc_cb = nullptr;
+  handle->recv_cb = nullptr;
+}
+
+void release_udp_fd(uv_udp_t* handle) noexcept {
+  if (!udp_fd_claimed(handle)) return;
+  handle->loop->watchers[handle->io_watcher.fd] = nullptr;
+  --handle->loop->nfds;
+}
+
 }  // namespace ringpark::detail::uv_private

@@ -107,5 +107,20 @@ bool udp_quiet(const uv_udp_t* handle) noexcept;
 // uv_udp_init(_ex) does (clear_udp_adoption_slot) before any other use.
 void*& udp_adoption_slot(uv_udp_t* handle) noexcept;
 void clear_udp_adoption_slot(uv_udp_t* handle) noexcept;
+// Whether the loop counts the handle's fd as one of its watched fds
+// (loop->watchers[fd] is its io watcher): what uv_udp_open, uv_tcp_open and
+// uv_poll_init check to answer UV_EEXIST for an fd a handle has already.
+bool udp_fd_claimed(const uv_udp_t* handle) noexcept;
+// Right after libuv's own uv_udp_recv_start on the handle, which registered
+// its fd with the loop (growing the loop's watcher table with libuv's own
+// allocator): takes the watch off again (nothing armed, off the queue of
+// changes for epoll, which thus never sees the fd; the handle inactive, its
+// callbacks cleared) but leaves the fd registered, so that it still counts
+// as taken. libuv touches such a watcher only through uv__io_stop and
+// uv__io_close, which adoption never lets run on it before
+// release_udp_fd().
+void udp_disarm_keep_fd(uv_udp_t* handle) noexcept;
+// Unregisters the handle's fd from the loop (libuv's view: the fd is closed).
+void release_udp_fd(uv_udp_t* handle) noexcept;
 
 }  // namespace ringpark::detail::uv_private

@@ -58,6 +58,7 @@ struct AdoptedUdp {
   // The recv_cb of the latest alloc: a recv_cb that stopped receiving (and so
   // cleared the handle's) still gets back the buffer its alloc_cb gave.
   uv_udp_recv_cb recv_cb_of_alloc = nullptr;
+  bool recverr = false;  // IP_RECVERR or IPV6_RECVERR, as last looked at
   AdoptedUdp* prev = nullptr;
   AdoptedUdp* next = nullptr;
   dg::Dgram d;
@@ -109,6 +110,24 @@ AdoptedUdp* adopted(uv_udp_t* h) noexcept {
 void mirror_queue(AdoptedUdp* a) noexcept {
   a->handle->send_queue_size = a->d.queued_bytes;
   a->handle->send_queue_count = a->d.queued_count;
+}
+
+// Whether the socket asked for ICMP errors (uv_udp_bind's
+// UV_UDP_LINUX_RECVERR sets these); looked at when adopted and at each
+// uv_udp_recv_start.
+bool recverr_on(int fd) noexcept {
+  int on = 0;
+  socklen_t len = sizeof on;
+  if (::getsockopt(fd, IPPROTO_IP, IP_RECVERR, &on, &len) == 0 && on) return true;
+  on = 0;
+  len = sizeof on;
+  return ::getsockopt(fd, IPPROTO_IPV6, IPV6_RECVERR, &on, &len) == 0 && on;
+}
+
+// Tells the engine whether ICMP errors come back to the socket (see
+// dgram::set_errors_come_back): asked for, or a connected socket's.
+void update_errors(AdoptedUdp* a) noexcept {
+  dg::set_errors_come_back(&a->d, a->recverr || (a->handle->flags & uf::kUdpConnected));
 }
 
 // libuv's rule for ACTIVE: while receiving, or while sends are queued.
@@ -218,6 +237,22 @@ UdpSet* udp_set(LoopContext* ctx) noexcept {
   return ctx->add_extension(std::move(made));
 }
 
+void claim_alloc(uv_handle_t*, std::size_t, uv_buf_t* buf) { *buf = uv_buf_init(nullptr, 0); }
+void claim_recv(uv_udp_t*, ssize_t, const uv_buf_t*, const sockaddr*, unsigned) {}
+
+// Keeps the socket's fd taken in libuv's eyes (uv_udp_open or uv_poll_init of
+// the same fd say UV_EEXIST, as they do for a socket libuv watches): libuv's
+// own uv_udp_recv_start registers it, with callbacks that never run, and the
+// watch is taken off again at once, the registration kept. False leaves the
+// socket to libuv.
+bool claim_fd(uv_udp_t* h) noexcept {
+  if (uv_private::udp_fd_claimed(h)) return true;
+  if (g_uv.recv_start(h, &claim_alloc, &claim_recv) != 0) return false;
+  const bool claimed = uv_private::udp_fd_claimed(h);
+  uv_private::udp_disarm_keep_fd(h);
+  return claimed;
+}
+
 // Adopts `h` if everything allows it; null leaves it to libuv.
 AdoptedUdp* try_adopt(uv_udp_t* h) noexcept {
   if (h == nullptr || h->type != UV_UDP || (h->flags & (uf::kClosing | uf::kClosed))) {
@@ -232,9 +267,15 @@ AdoptedUdp* try_adopt(uv_udp_t* h) noexcept {
   if (set == nullptr) return nullptr;
   auto* a = new (std::nothrow) AdoptedUdp;
   if (a == nullptr) return nullptr;
+  if (!claim_fd(h)) {
+    delete a;
+    return nullptr;
+  }
   a->handle = h;
   a->set = set;
   dg::init(&a->d, &ctx->chain().io(), &kHost, a, fd);
+  a->recverr = recverr_on(fd);
+  update_errors(a);
   // libuv's own counts keep the loop alive for this socket's ops (see
   // LoopContext::libuv_accounted), until it closes.
   a->d.life.share_count(ctx->libuv_accounted());
@@ -321,6 +362,8 @@ int recv_start(uv_udp_t* handle, uv_alloc_cb alloc_cb, uv_udp_recv_cb recv_cb) n
   if (a->d.flags & dg::kReceiving) return UV_EALREADY;
   h->alloc_cb = alloc_cb;
   h->recv_cb = recv_cb;
+  a->recverr = recverr_on(uv_private::udp_fd(h));
+  update_errors(a);
   dg::recv_start(&a->d, uv_udp_using_recvmmsg(h) != 0);
   update_active(a);
   a->set->ctx->update_ref();
@@ -389,6 +432,7 @@ int send(uv_udp_send_t* req, uv_udp_t* handle, const uv_buf_t bufs[], unsigned i
   req->handle = h;
   req->cb = cb;
   ++set->counts.sent;
+  update_errors(a);  // uv_udp_connect may have changed it
   dg::send(&a->d, r);
   mirror_queue(a);
   update_active(a);
@@ -428,6 +472,7 @@ bool close(uv_udp_t* handle, uv_close_cb cb) noexcept {
   // libuv has no fd for a closing handle (uv_fileno says UV_EBADF). A closing
   // handle is no longer among libuv's active ones, and not yet on its closing
   // list: its ops keep the loop alive as ringpark's own.
+  uv_private::release_udp_fd(h);
   uv_private::set_udp_fd(h, -1);
   a->d.life.share_count(nullptr);
   LoopContext* ctx = a->set->ctx;
