@@ -10,6 +10,7 @@
 //
 //   udp_loadgen --port P [--clients N] [--depth K] [--size S] [--seconds T]
 //               [--warmup W] [--timeout-ms M] [--server-pid PID] [--per-client]
+//               [--perf-ctl FIFO --perf-ack FIFO]
 //
 // A request carries its client, its slot (0..K-1) and a sequence number in its
 // first 16 bytes, then bytes that depend on all three (S >= 16). A reply must
@@ -26,13 +27,18 @@
 // With --server-pid, the server's CPU time (utime + stime of /proc/PID/stat)
 // is sampled at the window's edges: datagrams answered per second of server
 // CPU. With --per-client, each client's replies in the window are printed too.
+// With --perf-ctl/--perf-ack (the FIFOs of `perf stat --delay=-1
+// --control=fifo:CTL,ACK`), perf's counters are enabled for exactly the
+// window, as bench/loadgen does.
 //
 // Prints one line of key=value pairs on stdout (per-client figures: the
 // minimum, median and maximum of the clients' replies per second). Exits 0, or
 // 1 on a mismatch, a socket error or a window without a reply; 2 on bad
 // arguments.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -62,6 +68,8 @@ struct Options {
   int timeout_ms = 200;
   long server_pid = 0;
   bool per_client = false;
+  std::string perf_ctl;
+  std::string perf_ack;
 };
 
 [[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -307,6 +315,18 @@ void UdpLoadGen::poll_once(int timeout_ms) {
   expire(now_ns());
 }
 
+// Sends `cmd` to perf's control FIFO and waits (5 s at most) for its ack.
+void perf_command(int ctl, int ack, const char* cmd) {
+  if (ctl < 0) return;
+  if (write(ctl, cmd, std::strlen(cmd)) < 0)
+    fail("writing to the perf control FIFO: %s", std::strerror(errno));
+  pollfd p{ack, POLLIN, 0};
+  if (poll(&p, 1, 5000) != 1)
+    fail("perf did not acknowledge '%.*s' within 5 s", static_cast<int>(std::strlen(cmd)) - 1, cmd);
+  char buf[64];
+  if (read(ack, buf, sizeof buf) <= 0) fail("reading the perf ack FIFO failed");
+}
+
 double server_cpu_seconds(long pid) {
   if (pid <= 0) return 0;
   char path[64];
@@ -333,6 +353,15 @@ double process_cpu_seconds() {
 }
 
 int UdpLoadGen::run() {
+  int perf_ctl = -1, perf_ack = -1;
+  if (!o_.perf_ctl.empty()) {
+    // perf holds both FIFOs open already (it opens them O_RDWR), so neither blocks.
+    perf_ctl = open(o_.perf_ctl.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    perf_ack = open(o_.perf_ack.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (perf_ctl < 0 || perf_ack < 0)
+      fail("opening the perf FIFOs %s, %s: %s", o_.perf_ctl.c_str(), o_.perf_ack.c_str(),
+           std::strerror(errno));
+  }
   for (int i = 0; i < o_.clients; ++i)
     open_client(clients_[static_cast<size_t>(i)], static_cast<uint32_t>(i));
   uint64_t now = now_ns();
@@ -346,6 +375,7 @@ int UdpLoadGen::run() {
     now = now_ns();
   }
 
+  perf_command(perf_ctl, perf_ack, "enable\n");
   const double cpu0 = server_cpu_seconds(o_.server_pid);
   const double self0 = process_cpu_seconds();
   const uint64_t replies0 = replies_;
@@ -359,6 +389,7 @@ int UdpLoadGen::run() {
     now = now_ns();
   }
   measuring_ = false;
+  perf_command(perf_ctl, perf_ack, "disable\n");
   const uint64_t replies = replies_ - replies0;
   const double cpu1 = server_cpu_seconds(o_.server_pid);
   const double self1 = process_cpu_seconds();
@@ -397,7 +428,8 @@ int UdpLoadGen::run() {
 void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s --port P [--clients N] [--depth K] [--size S] [--seconds T]\n"
-               "          [--warmup W] [--timeout-ms M] [--server-pid PID] [--per-client]\n",
+               "          [--warmup W] [--timeout-ms M] [--server-pid PID] [--per-client]\n"
+               "          [--perf-ctl FIFO --perf-ack FIFO]\n",
                argv0);
   std::exit(2);
 }
@@ -431,13 +463,18 @@ int main(int argc, char** argv) {
       o.timeout_ms = static_cast<int>(std::strtol(v, &end, 10));
     else if (a == "--server-pid")
       o.server_pid = std::strtol(v, &end, 10);
+    else if (a == "--perf-ctl")
+      o.perf_ctl = v;
+    else if (a == "--perf-ack")
+      o.perf_ack = v;
     else
       usage(argv[0]);
     if (end != nullptr && *end != '\0') usage(argv[0]);
   }
   if (o.port <= 0 || o.port > 65535 || o.clients <= 0 || o.clients > 10000 || o.depth <= 0 ||
       o.depth > 1024 || o.size < 16 || o.size > 65507 || !(o.seconds > 0) || o.seconds > 3600 ||
-      !(o.warmup >= 0) || o.warmup > 600 || o.timeout_ms <= 0)
+      !(o.warmup >= 0) || o.warmup > 600 || o.timeout_ms <= 0 ||
+      o.perf_ctl.empty() != o.perf_ack.empty())
     usage(argv[0]);
   UdpLoadGen g(o);
   return g.run();

@@ -175,6 +175,7 @@ class Sink {
   int calls = 0;
   int final_res = 0;
   int bad = 0;  // completions that made no sense (a kBuffer without a datagram...)
+  int dry = 0;  // kDry completions: the ring ran dry, the socket was not drained
 
  private:
   void reset_msg() {
@@ -206,6 +207,10 @@ class Sink {
         if (d.addr != nullptr) std::memcpy(&r.from, d.addr, d.addrlen);
         r.fromlen = d.addrlen;
         got.push_back(std::move(r));
+      } else if (flags & detail::kDry) {
+        // The ring ran dry with datagrams still in the socket: no datagram.
+        if (res != 0 || !more || (flags & kBuffer)) ++bad;
+        ++dry;
       } else if (res >= 0) {
         ++bad;
       }
@@ -684,9 +689,10 @@ TEST_F(UringDatagramTest, DatagramRingIsSeparateFromTheStreamRingAndRegisteredOn
   EXPECT_LE(driver().datagram_buffers_in_ring(), 64u);
 }
 
-// The ring runs dry while the consumer holds every buffer: the socket keeps
-// the datagrams, the receive waits in the driver, and once buffers come back
-// it goes on with the next datagram, none lost, none out of order.
+// The ring runs dry while the consumer holds every buffer: the owner is told
+// once (kDry, no datagram), the socket keeps the datagrams, the receive waits
+// in the driver, and once buffers come back it goes on with the next
+// datagram, none lost, none out of order.
 TEST_F(UringDatagramTest, EmptiedDatagramRingIsRefilledAndNothingIsLost) {
   OPEN_RING_OR_SKIP(2, 68 * 1024);
   sink_ = std::make_unique<Sink>(io(), rx_, true);
@@ -696,6 +702,8 @@ TEST_F(UringDatagramTest, EmptiedDatagramRingIsRefilledAndNothingIsLost) {
   for (std::uint32_t i = 0; i < 10; ++i) ASSERT_TRUE(send_to_rx(datagram_bytes(i, 100 + i)));
   ASSERT_TRUE(run_until([&] { return driver().stats().buffers_ran_out > 0; }));
   EXPECT_EQ(s.got.size(), 2u);
+  EXPECT_EQ(s.dry, 1) << "the owner was not told the socket still held datagrams";
+  EXPECT_EQ(s.bad, 0);
   EXPECT_FALSE(s.done());
   EXPECT_EQ(driver().in_flight(), 1u);  // still the owner's op
   Stopwatch sw;
