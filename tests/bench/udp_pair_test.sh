@@ -3,18 +3,33 @@
 # (an ordinary libuv program, on uv_run) answers bench/udp_loadgen, which
 # checks every reply byte for byte (it exits 1 on any mismatch).
 #
-#   udp_pair_test.sh SERVER LOADGEN [server flags...]
+#   udp_pair_test.sh [--preload LIB] SERVER LOADGEN [server flags...]
+#
+# With --preload, the server runs unchanged under LD_PRELOAD=LIB (and
+# RINGPARK_STATS=1): its uv_udp_t must then be adopted (the stats line says
+# so), and every request must be answered (no lost or late reply: 64 in
+# flight cannot overflow a socket's receive buffer).
 #
 # Bounded: the load runs 1 s after a 0.2 s warm-up; the server is stopped with
 # SIGTERM (SIGKILL after 5 s) and must exit 0 having echoed datagrams.
 set -u
+preload=
+if [ "${1:-}" = --preload ]; then
+  preload=$2
+  shift 2
+fi
 server=$1
 loadgen=$2
 shift 2
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+lg=$(mktemp)
+trap 'rm -f "$out" "$lg"' EXIT
 
-"$server" "$@" >"$out" &
+if [ -n "$preload" ]; then
+  env LD_PRELOAD="$preload" RINGPARK_STATS=1 "$server" "$@" >"$out" 2>&1 &
+else
+  "$server" "$@" >"$out" &
+fi
 pid=$!
 stop_server() {
   kill -TERM "$pid" 2>/dev/null
@@ -39,14 +54,18 @@ if [ -z "$port" ]; then
   exit 1
 fi
 
-"$loadgen" --port "$port" --clients 16 --depth 4 --size 200 --warmup 0.2 --seconds 1
+"$loadgen" --port "$port" --clients 16 --depth 4 --size 200 --warmup 0.2 --seconds 1 >"$lg"
 load=$?
 stop_server
 status=$?
-cat "$out"
+cat "$lg" "$out"
 if [ "$load" -ne 0 ] || [ "$status" -ne 0 ]; then
   echo "udp_pair_test: loadgen exited $load, server $status"
   exit 1
 fi
 grep -q 'echoed=[1-9]' "$out" || { echo "udp_pair_test: the server echoed nothing"; exit 1; }
 grep -q 'send_errors=0 truncated=0' "$out" || { echo "udp_pair_test: send errors"; exit 1; }
+if [ -n "$preload" ]; then
+  grep -q 'adopted 1 UDP sockets' "$out" || { echo "udp_pair_test: the server's socket was not adopted"; exit 1; }
+  grep -q ' lost=0 late=0 ' "$lg" || { echo "udp_pair_test: requests went unanswered"; exit 1; }
+fi
