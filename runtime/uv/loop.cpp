@@ -291,11 +291,16 @@ void LoopContext::sleep_in_ring() noexcept {
       notice_fork();
       break;
     }
-    if (mode_ == UV_RUN_ONCE && chain_->stats().completions != reaped) {
-      // Ringpark callbacks ran: that is the progress ONCE waits for. Return to
-      // libuv, whose poll must then not block: the eventfd makes it readable.
-      // (Even when libuv's own fd is readable too: its event may be stale,
-      // and then libuv would poll again, with no limit.)
+    const bool callbacks_ran = chain_->stats().completions != reaped;
+    if (callbacks_ran && (mode_ == UV_RUN_ONCE || uv_private::has_check_handles(loop_))) {
+      // Ringpark callbacks ran: that is the progress ONCE waits for, and
+      // libuv runs check handles after every poll that brought I/O, as the
+      // program expects them after its I/O callbacks (an adopted socket's
+      // receive is always in flight, so without this they would wait for an
+      // event of libuv's own). Return to libuv, whose poll must then not
+      // block: the eventfd makes it readable. (Even when libuv's own fd is
+      // readable too: its event may be stale, and then libuv would poll
+      // again, with no limit.)
       chain_->io().wake_outer();
       break;
     }
@@ -335,7 +340,10 @@ void LoopContext::on_prepare(uv_prepare_t* handle) {
       // the caller waits for, so the poll must not block. (The writes those
       // callbacks queue start before it, in before_libuv_sleeps, and
       // complete without arming anything new.)
-      if ((!self->running_ || self->mode_ == UV_RUN_ONCE) &&
+      // So are check handles, which libuv runs after every poll that brought
+      // I/O (as in sleep_in_ring).
+      if ((!self->running_ || self->mode_ == UV_RUN_ONCE ||
+           uv_private::has_check_handles(self->loop_)) &&
           self->chain_->stats().completions != ran) {
         self->chain_->io().wake_outer();
       }

@@ -67,6 +67,10 @@ bool once_may_block(const uv_loop_t* loop) noexcept {
   return loop->pending_queue[0] == pending && loop->idle_handles[0] == idle;
 }
 
+bool has_check_handles(const uv_loop_t* loop) noexcept {
+  return loop->check_handles[0] != &loop->check_handles;
+}
+
 void fs_init(uv_fs_t* req, uv_loop_t* loop, uv_fs_type type, uv_fs_cb cb) noexcept {
   req->type = UV_FS;
   req->fs_type = type;

@@ -29,6 +29,10 @@ bool watchers_pending(const uv_loop_t* loop) noexcept;
 // callbacks and no idle handles.
 bool once_may_block(const uv_loop_t* loop) noexcept;
 
+// True while check handles are started on the loop: libuv runs them after
+// every poll that returned, so I/O callbacks are followed by them.
+bool has_check_handles(const uv_loop_t* loop) noexcept;
+
 // Fills `req` as libuv's uv_fs_* functions do before they queue work: type,
 // fs_type, loop, cb, result 0, ptr/path/new_path/bufs null, and the thread-pool
 // link made inert so that uv_cancel(req) answers UV_EBUSY (an operation already

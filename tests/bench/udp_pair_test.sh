@@ -26,7 +26,14 @@ lg=$(mktemp)
 trap 'rm -f "$out" "$lg"' EXIT
 
 if [ -n "$preload" ]; then
-  env LD_PRELOAD="$preload" RINGPARK_STATS=1 "$server" "$@" >"$out" 2>&1 &
+  # A sanitizer build: the sanitizer's runtime must come first in the library
+  # list, before the preload (ASan refuses to start otherwise).
+  list=""
+  for name in asan tsan lsan ubsan; do
+    lib=$(ldd "$preload" | awk -v n="lib$name.so" 'index($1, n) == 1 && $3 ~ /^\// { print $3 }')
+    [ -n "$lib" ] && list="$list$lib "
+  done
+  env LD_PRELOAD="$list$preload" RINGPARK_STATS=1 "$server" "$@" >"$out" 2>&1 &
 else
   "$server" "$@" >"$out" &
 fi

@@ -91,7 +91,8 @@ if command -v nm >/dev/null 2>&1; then
   exported=$(nm -D --defined-only "$preload" | awk '$2 == "T" || $2 == "W" { print $3 }')
   for sym in uv_run rp_uv_run rp_backend rp_stats rp_loop_close uv_fs_open uv_fs_close \
     uv_fs_read uv_fs_write uv_fs_fsync uv_fs_fdatasync uv_fs_stat uv_fs_fstat uv_fs_lstat \
-    uv_fs_unlink uv_fs_rename uv_fs_mkdir uv_fs_ftruncate; do
+    uv_fs_unlink uv_fs_rename uv_fs_mkdir uv_fs_ftruncate uv_udp_init uv_udp_init_ex \
+    uv_udp_recv_start uv_udp_recv_stop uv_udp_send uv_udp_try_send; do
     if ! grep -qx "$sym" <<<"$exported"; then
       fail "$preload does not export $sym"
     fi

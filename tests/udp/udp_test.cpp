@@ -454,6 +454,58 @@ TEST_F(UdpTest, AnUnreachablePeerIsReportedAsLibuvReportsIt) {
   EXPECT_GE(refused, 1) << "the refusal was never reported";
 }
 
+// libuv runs check handles after every poll that brought I/O: a check handle
+// sees the datagrams' callbacks without any other event of libuv's own
+// (libuv 1.51's udp_recv_in_a_row; an adopted socket's receive is always in
+// flight in the ring, so the loop must still come back to libuv after it).
+TEST_F(UdpTest, CheckHandlesRunAfterReceiveCallbacks) {
+  sockaddr_storage at, from;
+  Udp* u = bound(AF_INET, &at);
+  int tx = raw_socket(AF_INET, &from, false);
+  ASSERT_EQ(start(u), 0);
+  for (std::uint32_t i = 0; i < 5; ++i) send_to(tx, datagram_bytes(i, 10), at);
+  struct State {
+    Udp* u = nullptr;
+    int seen_by_check = -1;
+    bool timed_out = false;
+    Clock::time_point started;
+    Clock::duration seen_after{};
+    uv_check_t check;
+    uv_timer_t failsafe;
+  } st;
+  st.u = u;
+  ASSERT_EQ(uv_check_init(&loop_, &st.check), 0);
+  ASSERT_EQ(uv_timer_init(&loop_, &st.failsafe), 0);
+  st.check.data = st.failsafe.data = &st;
+  ASSERT_EQ(uv_check_start(&st.check, [](uv_check_t* c) {
+              auto* x = static_cast<State*>(c->data);
+              if (x->u->datagrams() == 0) return;
+              x->seen_by_check = x->u->datagrams();
+              x->seen_after = Clock::now() - x->started;
+              uv_timer_stop(&x->failsafe);
+              uv_check_stop(&x->check);
+              uv_udp_recv_stop(&x->u->h);
+            }),
+            0);
+  ASSERT_EQ(uv_timer_start(&st.failsafe, [](uv_timer_t* t) {
+              auto* x = static_cast<State*>(t->data);
+              x->timed_out = true;
+              uv_check_stop(&x->check);
+              uv_udp_recv_stop(&x->u->h);
+            }, 3000, 0),
+            0);
+  st.started = Clock::now();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  // Not the fail-safe timer's event: it comes 3 s later (libuv runs the check
+  // phase after any event, so the late one would show too).
+  EXPECT_FALSE(st.timed_out);
+  EXPECT_GE(st.seen_by_check, 1);
+  EXPECT_LT(st.seen_after, 1s) << "the check handle waited for another event after the receive";
+  uv_close(reinterpret_cast<uv_handle_t*>(&st.check), nullptr);
+  uv_close(reinterpret_cast<uv_handle_t*>(&st.failsafe), nullptr);
+  uv_run(&loop_, UV_RUN_DEFAULT);
+}
+
 // ---- Activity, references, closing ------------------------------------------------
 
 // uv_is_active as libuv: active while receiving or while sends wait; a stop
