@@ -14,7 +14,9 @@
 //   a time). Where multishot recvmsg is missing (the epoll fallback, Linux
 //   before 6.0) plain recvmsg ops into buffers of the engine's own do the
 //   same: one in flight on io_uring, which keeps no order between several
-//   waiting on one socket, a few on the fallback, which does;
+//   waiting on one socket, a few on the fallback, which does. (One exception:
+//   on a socket that ICMP errors come back to, the receive is off while a
+//   chain of sends is out; see set_errors_come_back);
 // - batches: the datagrams of one round of completions end, as libuv's
 //   wakeups end, with recv(0, buffer, no address): "nothing more now". A
 //   socket in batch mode (libuv's UV_UDP_RECVMMSG) gets libuv's recvmmsg
@@ -54,8 +56,9 @@
 // the next round.
 //
 // What the kernel may write into, and what keeps it alive until the final
-// completion: the Dgram's ops (multishot recvmsg and its msghdr, the nop) live
-// in the Dgram, which the front end keeps in place until `closed`; plain
+// completion: the Dgram's ops (the multishot recvmsg and its msghdr, the nop,
+// the wait for POLLOUT, the fallback's close barrier) live in the Dgram, which
+// the front end keeps in place until `closed`; plain
 // receives' ops, msghdrs and buffers in a block the Dgram owns until then;
 // each send's op, msghdr, copy of the iovecs and of the destination address in
 // its SendReq, which the front end keeps until send_done.
