@@ -201,6 +201,31 @@ fetch_source() {
   touch "$WORK/.source-ok"
 }
 
+# Debian's skip-multicast-test patch turns udp_multicast_join and
+# udp_multicast_join6 into skips (its build daemons have no multicast). The
+# test namespace has multicast (NETNS_UP), so both run as upstream wrote them:
+# the patch is reverted, once, in the fetched source.
+unskip_multicast() {
+  local p="$SRC/debian/patches/skip-multicast-test"
+  [[ -f $p ]] && grep -q 'Debian build deamons' "$SRC/test/test-udp-multicast-join.c" || return 0
+  if ! command -v patch >/dev/null; then
+    log "no patch(1): udp_multicast_join{,6} stay skipped as Debian patched them"
+    return 0
+  fi
+  patch -R -p1 -s -d "$SRC" <"$p" || die "could not revert $p"
+  log "reverted Debian's skip-multicast-test: udp_multicast_join{,6} run"
+}
+
+# The test namespace's network, set up inside it before the tests run:
+# loopback, with multicast (224.0.0.0/4 routed to lo) for udp_multicast_join;
+# and a veth pair with IPv6 addresses, both ends inside the namespace (nothing
+# leaves the machine), for udp_multicast_join6, which needs a non-loopback
+# IPv6 interface. Where veth is missing, that test skips itself.
+NETNS_UP='ip link set lo up && { ip link set lo multicast on; ip route add 224.0.0.0/4 dev lo;
+  ip link add rp-v0 type veth peer name rp-v1 && ip link set rp-v0 up && ip link set rp-v1 up &&
+  ip -6 addr add fd00:7270::1/64 dev rp-v0 nodad && ip -6 addr add fd00:7270::2/64 dev rp-v1 nodad;
+} >/dev/null 2>&1; exec "$@"'
+
 # ---------------------------------------------------------------------------
 # 2. Build uv_run_tests (libuv's CMake + uv_hook.cmake), incrementally
 # ---------------------------------------------------------------------------
@@ -341,14 +366,15 @@ run_suite() {
   exec 9>"$LOCK_FILE"
   flock -w 3600 9 || die "could not lock $LOCK_FILE (another run?)"
   set +e
-  # -n: a network namespace with nothing but loopback, so no test reaches
-  # outside the machine. -p --kill-child --mount-proc: the driver is pid 1 of
+  # -n: a network namespace with nothing but loopback and a veth pair whose
+  # two ends are both in it (NETNS_UP), so no test reaches outside the
+  # machine. -p --kill-child --mount-proc: the driver is pid 1 of
   # its own pid namespace, so every process a test leaves behind (a helper of
   # a failed spawn test, say) is killed when the driver ends or is killed.
   # timeout sends SIGKILL: unshare ignores SIGTERM while it waits, and on its
   # death --kill-child takes the whole namespace down with it.
   env "${env_root[@]}" "${RUN_ENV[@]}" timeout -s KILL "$TOTAL_TIMEOUT" \
-    unshare -n -p --kill-child --mount-proc -- sh -c 'ip link set lo up && exec "$@"' sh \
+    unshare -n -p --kill-child --mount-proc -- sh -c "$NETNS_UP" sh \
       bash "$SELF" --inner "$RUNNER" "$SRC" "$RESULTS" "$TEST_TIMEOUT" \
       <"$RESULTS/to_run" 9>&-
   rc=$?
@@ -388,6 +414,7 @@ run_suite() {
 }
 
 fetch_source
+unskip_multicast
 build_runner
 check_runner
 [[ $BUILD_ONLY -eq 1 ]] && exit 0
