@@ -6,11 +6,14 @@
 #      to rp_tcp_t, against plain libuv and a hand-written epoll loop;
 #   2. HTTP plaintext: the unchanged libuv server under the preload, on
 #      rp_tcp_t, on plain libuv, and nginx (wrk);
-#   3. node: Debian 12's node 18, unchanged, serving HTTP, plain and under the
+#   3. UDP echo: an unchanged libuv UDP echo server under the preload (its
+#      uv_udp_t adopted), against itself on plain libuv, 64 clients with 1
+#      and 16 datagrams in flight, every reply checked;
+#   4. node: Debian 12's node 18, unchanged, serving HTTP, plain and under the
 #      preload (needs root; fetched with apt-get download, skipped without);
-#   4. files: 4 KiB random reads, rp_fs_read against uv_fs_read on libuv's pool,
+#   5. files: 4 KiB random reads, rp_fs_read against uv_fs_read on libuv's pool,
 #      and fio's io_uring engine (a 1 GiB file is made once in /tmp);
-#   5. scale: the echo on one thread and on two (SO_REUSEPORT), as server
+#   6. scale: the echo on one thread and on two (SO_REUSEPORT), as server
 #      efficiency.
 # Every bench script takes --full (or more rounds) for the long versions;
 # bench/RESULTS.md holds the latest full tables.
@@ -37,15 +40,18 @@ echo
 echo "== 2. HTTP plaintext (wrk, 50 connections)"
 bash bench/http/run.sh --rounds 1 --seconds 2 --contenders uv,uv_preload,rp,nginx build-release
 echo
-echo "== 3. node 18 HTTP hello (wrk, 50 connections)"
+echo "== 3. UDP echo (64-byte datagrams; CLIENTSxDEPTH)"
+bash bench/udp/run.sh --rounds 1 --seconds 1.5 build-release
+echo
+echo "== 4. node 18 HTTP hello (wrk, 50 connections)"
 if [ "$(id -u)" -eq 0 ]; then
   bash bench/node/run.sh --rounds 1 --seconds 2 build-release || echo "(node part failed)"
 else
   echo "(skipped: node 18 runs in a mount namespace of its own, which needs root)"
 fi
 echo
-echo "== 4. Files (4 KiB random reads from the page cache, one core)"
+echo "== 5. Files (4 KiB random reads from the page cache, one core)"
 bash bench/files/run.sh --rounds 1 --seconds 0.5 --qds 1,32 --no-direct build-release
 echo
-echo "== 5. Scale (rp_echo --pool on 1 and 2 threads, 500 connections x 16)"
+echo "== 6. Scale (rp_echo --pool on 1 and 2 threads, 500 connections x 16)"
 bash bench/scale/run.sh --rounds 1 --seconds 1.5 --workloads 500x16 build-release
