@@ -48,7 +48,15 @@
 #include <string>
 #include <vector>
 
+#include "loadgen_util.hpp"
+
 namespace {
+
+using loadgen_util::fail;
+using loadgen_util::Histogram;
+using loadgen_util::mix64;
+using loadgen_util::now_ns;
+using loadgen_util::process_cpu_seconds;
 
 struct Options {
   int port = 0;
@@ -61,71 +69,6 @@ struct Options {
   std::string perf_ctl;
   std::string perf_ack;
 };
-
-[[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-void fail(const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  std::fputs("loadgen: error: ", stderr);
-  std::vfprintf(stderr, fmt, ap);
-  std::fputc('\n', stderr);
-  va_end(ap);
-  std::exit(1);
-}
-
-uint64_t now_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000u + static_cast<uint64_t>(ts.tv_nsec);
-}
-
-// Log-linear latency histogram in nanoseconds: exact below 128 ns, then 64
-// buckets per power of two (under 1.6% error), enough for any run's range.
-class Histogram {
- public:
-  void record(uint64_t v) {
-    ++counts_[index(v)];
-    ++total_;
-  }
-  uint64_t total() const { return total_; }
-  // The value below which a fraction q of the samples lie (bucket midpoint).
-  double quantile(double q) const {
-    if (total_ == 0) return 0;
-    uint64_t rank = static_cast<uint64_t>(q * static_cast<double>(total_ - 1)) + 1;
-    uint64_t seen = 0;
-    for (size_t i = 0; i < kBuckets; ++i) {
-      seen += counts_[i];
-      if (seen >= rank) return midpoint(i);
-    }
-    return midpoint(kBuckets - 1);
-  }
-
- private:
-  static constexpr int kSubBits = 6;
-  static constexpr size_t kBuckets = 64 * 60;
-  static size_t index(uint64_t v) {
-    if (v < (2u << kSubBits)) return static_cast<size_t>(v);
-    int msb = 63 - __builtin_clzll(v);
-    int e = msb - kSubBits;
-    size_t i = (static_cast<size_t>(e) << kSubBits) + static_cast<size_t>(v >> e);
-    return std::min(i, kBuckets - 1);
-  }
-  static double midpoint(size_t i) {
-    if (i < (2u << kSubBits)) return static_cast<double>(i);
-    size_t e = (i >> kSubBits) - 1;
-    uint64_t m = (i & ((1u << kSubBits) - 1)) + (1u << kSubBits);
-    return static_cast<double>(m << e) + static_cast<double>((uint64_t{1} << e) / 2);
-  }
-  std::vector<uint64_t> counts_ = std::vector<uint64_t>(kBuckets);
-  uint64_t total_ = 0;
-};
-
-uint64_t mix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 // Message `seq` of connection `id`: every 8-byte word differs with the
 // connection, the sequence number and the position, so a byte echoed to the
@@ -313,44 +256,10 @@ void LoadGen::poll_once(int timeout_ms) {
 }
 
 void LoadGen::perf_command(const char* cmd) {
-  if (perf_ctl_fd_ < 0) return;
-  if (write(perf_ctl_fd_, cmd, std::strlen(cmd)) < 0)
-    fail("writing to the perf control FIFO: %s", std::strerror(errno));
-  pollfd p{perf_ack_fd_, POLLIN, 0};
-  if (poll(&p, 1, 5000) != 1)
-    fail("perf did not acknowledge '%.*s' within 5 s", static_cast<int>(std::strlen(cmd)) - 1, cmd);
-  char ack[64];
-  if (read(perf_ack_fd_, ack, sizeof ack) <= 0) fail("reading the perf ack FIFO failed");
+  loadgen_util::perf_command(perf_ctl_fd_, perf_ack_fd_, cmd);
 }
 
-double LoadGen::server_cpu_seconds() const {
-  if (o_.server_pid <= 0) return 0;
-  char path[64];
-  std::snprintf(path, sizeof path, "/proc/%ld/stat", o_.server_pid);
-  FILE* f = std::fopen(path, "r");
-  if (f == nullptr) fail("open %s: %s", path, std::strerror(errno));
-  char buf[2048];
-  size_t n = std::fread(buf, 1, sizeof buf - 1, f);
-  std::fclose(f);
-  buf[n] = '\0';
-  // Field 2 (comm) may hold spaces: count fields from the last ')'.
-  const char* p = std::strrchr(buf, ')');
-  if (p == nullptr) fail("unexpected %s", path);
-  unsigned long long utime = 0, stime = 0;
-  // After ')': state(3) ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime(14)
-  // stime(15)
-  if (std::sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime,
-                  &stime) != 2)
-    fail("cannot parse %s", path);
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
-double process_cpu_seconds() {
-  rusage ru;
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-}
+double LoadGen::server_cpu_seconds() const { return loadgen_util::server_cpu_seconds(o_.server_pid); }
 
 int LoadGen::run() {
   if (!o_.perf_ctl.empty()) {

@@ -56,7 +56,17 @@
 #include <string>
 #include <vector>
 
+#include "loadgen_util.hpp"
+
 namespace {
+
+using loadgen_util::fail;
+using loadgen_util::Histogram;
+using loadgen_util::mix64;
+using loadgen_util::now_ns;
+using loadgen_util::perf_command;
+using loadgen_util::process_cpu_seconds;
+using loadgen_util::server_cpu_seconds;
 
 struct Options {
   int port = 0;
@@ -72,29 +82,6 @@ struct Options {
   std::string perf_ack;
 };
 
-[[noreturn]] void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-void fail(const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  std::fputs("udp_loadgen: error: ", stderr);
-  std::vfprintf(stderr, fmt, ap);
-  std::fputc('\n', stderr);
-  va_end(ap);
-  std::exit(1);
-}
-
-uint64_t now_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<uint64_t>(ts.tv_sec) * 1000000000u + static_cast<uint64_t>(ts.tv_nsec);
-}
-
-uint64_t mix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 struct Header {
   uint32_t client;
@@ -120,42 +107,6 @@ void fill_request(unsigned char* out, size_t size, uint32_t client, uint32_t slo
     std::memcpy(out + i, &v, size - i);
   }
 }
-
-// Log-linear latency histogram in nanoseconds (as loadgen's).
-class Histogram {
- public:
-  void record(uint64_t v) { ++counts_[index(v)]; }
-  double quantile(double q) const {
-    uint64_t total = 0;
-    for (uint64_t c : counts_) total += c;
-    if (total == 0) return 0;
-    uint64_t rank = static_cast<uint64_t>(q * static_cast<double>(total - 1)) + 1;
-    uint64_t seen = 0;
-    for (size_t i = 0; i < kBuckets; ++i) {
-      seen += counts_[i];
-      if (seen >= rank) return midpoint(i);
-    }
-    return midpoint(kBuckets - 1);
-  }
-
- private:
-  static constexpr int kSubBits = 6;
-  static constexpr size_t kBuckets = 64 * 60;
-  static size_t index(uint64_t v) {
-    if (v < (2u << kSubBits)) return static_cast<size_t>(v);
-    int msb = 63 - __builtin_clzll(v);
-    int e = msb - kSubBits;
-    size_t i = (static_cast<size_t>(e) << kSubBits) + static_cast<size_t>(v >> e);
-    return std::min(i, kBuckets - 1);
-  }
-  static double midpoint(size_t i) {
-    if (i < (2u << kSubBits)) return static_cast<double>(i);
-    size_t e = (i >> kSubBits) - 1;
-    uint64_t m = (i & ((1u << kSubBits) - 1)) + (1u << kSubBits);
-    return static_cast<double>(m << e) + static_cast<double>((uint64_t{1} << e) / 2);
-  }
-  std::vector<uint64_t> counts_ = std::vector<uint64_t>(kBuckets);
-};
 
 struct Slot {
   uint64_t seq = 0;      // the request in flight
@@ -315,43 +266,6 @@ void UdpLoadGen::poll_once(int timeout_ms) {
   expire(now_ns());
 }
 
-// Sends `cmd` to perf's control FIFO and waits (5 s at most) for its ack.
-void perf_command(int ctl, int ack, const char* cmd) {
-  if (ctl < 0) return;
-  if (write(ctl, cmd, std::strlen(cmd)) < 0)
-    fail("writing to the perf control FIFO: %s", std::strerror(errno));
-  pollfd p{ack, POLLIN, 0};
-  if (poll(&p, 1, 5000) != 1)
-    fail("perf did not acknowledge '%.*s' within 5 s", static_cast<int>(std::strlen(cmd)) - 1, cmd);
-  char buf[64];
-  if (read(ack, buf, sizeof buf) <= 0) fail("reading the perf ack FIFO failed");
-}
-
-double server_cpu_seconds(long pid) {
-  if (pid <= 0) return 0;
-  char path[64];
-  std::snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-  FILE* f = std::fopen(path, "r");
-  if (f == nullptr) fail("open %s: %s", path, std::strerror(errno));
-  char buf[2048];
-  size_t n = std::fread(buf, 1, sizeof buf - 1, f);
-  std::fclose(f);
-  buf[n] = '\0';
-  const char* p = std::strrchr(buf, ')');  // comm may hold spaces
-  unsigned long long utime = 0, stime = 0;
-  if (p == nullptr || std::sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu",
-                                  &utime, &stime) != 2)
-    fail("cannot parse %s", path);
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
-double process_cpu_seconds() {
-  rusage ru;
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
-         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-}
-
 int UdpLoadGen::run() {
   int perf_ctl = -1, perf_ack = -1;
   if (!o_.perf_ctl.empty()) {
@@ -437,6 +351,7 @@ void usage(const char* argv0) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  loadgen_util::g_program = "udp_loadgen";
   Options o;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];

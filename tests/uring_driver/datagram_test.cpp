@@ -17,7 +17,6 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -25,52 +24,31 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "backend_harness.hpp"
+#include "udp_util.hpp"
 
 namespace ringpark::test {
 namespace {
 
 using detail::kBuffer;
 
-constexpr std::size_t kMaxIpv4Payload = 65507;
-constexpr std::size_t kMaxIpv6Payload = 65527;
+using udp::datagram_bytes;
+using udp::kMaxIpv4Payload;
+using udp::kMaxIpv6Payload;
+using udp::socket_drops;
+using udp::udp_rcvbuf_errors;
 
-// ---- Sockets and counters --------------------------------------------------
+// ---- Sockets ----------------------------------------------------------------
 
-// A UDP socket bound to the loopback of `family` on a kernel-chosen port; its
-// address in *addr. -1 if the family is not available here.
+// A blocking UDP socket bound to the loopback of `family` (udp_util.hpp).
 int udp_socket(int family, sockaddr_storage* addr, socklen_t* len) {
-  int fd = ::socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  *addr = {};
-  if (family == AF_INET) {
-    auto* a = reinterpret_cast<sockaddr_in*>(addr);
-    a->sin_family = AF_INET;
-    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    *len = sizeof *a;
-  } else {
-    auto* a = reinterpret_cast<sockaddr_in6*>(addr);
-    a->sin6_family = AF_INET6;
-    a->sin6_addr = in6addr_loopback;
-    *len = sizeof *a;
-  }
-  if (::bind(fd, reinterpret_cast<sockaddr*>(addr), *len) < 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(addr), len) < 0) {
-    ::close(fd);
-    return -1;
-  }
-  // Room for bursts (the receive buffer is what loopback drops on).
-  const int size = 4 << 20;
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
-  return fd;
+  return udp::bound_socket(family, addr, len, /*nonblock=*/false);
 }
 
 bool same_address(const sockaddr_storage& a, socklen_t alen, const sockaddr_storage& b,
@@ -78,55 +56,7 @@ bool same_address(const sockaddr_storage& a, socklen_t alen, const sockaddr_stor
   return alen == blen && std::memcmp(&a, &b, alen) == 0;
 }
 
-// Bytes that say which datagram they belong to: a sequence number, then a
-// pattern of it, so a wrong, cut or repeated datagram shows.
-std::string datagram_bytes(std::uint32_t seq, std::size_t size) {
-  std::string s(size, '\0');
-  for (std::size_t i = 0; i < size; ++i) s[i] = static_cast<char>((seq * 131 + i * 7) & 0xff);
-  if (size >= 4) std::memcpy(s.data(), &seq, 4);
-  return s;
-}
-
-std::uint32_t seq_of(const std::string& d) {
-  std::uint32_t seq = 0;
-  if (d.size() >= 4) std::memcpy(&seq, d.data(), 4);
-  return seq;
-}
-
-// The drops the kernel counted for the socket `fd` (the `drops` column of
-// /proc/net/udp or udp6, found by the socket's inode); -1 if not found.
-long socket_drops(int fd, int family) {
-  struct stat st;
-  if (::fstat(fd, &st) != 0) return -1;
-  std::ifstream in(family == AF_INET6 ? "/proc/net/udp6" : "/proc/net/udp");
-  std::string line;
-  std::getline(in, line);  // the header
-  while (std::getline(in, line)) {
-    // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
-    std::istringstream f(line);
-    std::string field[13];
-    for (auto& x : field) f >> x;
-    if (std::to_string(st.st_ino) == field[9]) return std::stol(field[12]);
-  }
-  return -1;
-}
-
-// The system's Udp RcvbufErrors (/proc/net/snmp): datagrams any socket of this
-// network namespace dropped for a full receive buffer.
-long udp_rcvbuf_errors() {
-  std::ifstream in("/proc/net/snmp");
-  std::string names, values;
-  while (std::getline(in, names)) {
-    if (names.rfind("Udp:", 0) != 0) continue;
-    std::getline(in, values);
-    std::istringstream n(names), v(values);
-    std::string name, value;
-    while (n >> name && v >> value) {
-      if (name == "RcvbufErrors") return std::stol(value);
-    }
-  }
-  return -1;
-}
+std::uint32_t seq_of(const std::string& d) { return udp::seq_of(d.data(), d.size()); }
 
 // ---- Receiving ---------------------------------------------------------------
 
