@@ -1,5 +1,7 @@
 #include "epoll_bridge/fallback_driver.hpp"
 
+#include "epoll_bridge/blocking.hpp"
+
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
@@ -73,64 +75,6 @@ std::uint32_t interest(const Op& op) noexcept {
 }
 
 int result(long r) noexcept { return r < 0 ? -errno : static_cast<int>(r); }
-
-// The calls io_uring runs in io-wq, made here on a pool thread: they block on
-// the disk (or on a FIFO's other end), and epoll cannot say when they won't.
-// Every pointer in `op` stays valid until the op's final completion, which
-// cannot run before this returns. Returns the result, negative errno on failure.
-int run_blocking(const Op& op) noexcept {
-  const auto* iov = static_cast<const iovec*>(op.buf);
-  const int iovcnt = static_cast<int>(op.len);
-  const bool at_pos = op.offset == -1;  // -1: the file position, as read(2)
-  long r;
-  do {
-    switch (op.code) {
-      case OpCode::read:
-        r = at_pos ? ::read(op.fd, op.buf, op.len) : ::pread(op.fd, op.buf, op.len, op.offset);
-        break;
-      case OpCode::write:
-        r = at_pos ? ::write(op.fd, op.buf, op.len) : ::pwrite(op.fd, op.buf, op.len, op.offset);
-        break;
-      case OpCode::readv:
-        r = at_pos ? ::readv(op.fd, iov, iovcnt) : ::preadv(op.fd, iov, iovcnt, op.offset);
-        break;
-      case OpCode::writev:
-        r = at_pos ? ::writev(op.fd, iov, iovcnt) : ::pwritev(op.fd, iov, iovcnt, op.offset);
-        break;
-      case OpCode::fsync:
-        r = ::fsync(op.fd);
-        break;
-      case OpCode::fdatasync:
-        r = ::fdatasync(op.fd);
-        break;
-      case OpCode::openat:
-        r = ::openat(op.dfd, op.path, op.flags, static_cast<mode_t>(op.mode));
-        break;
-      case OpCode::statx:
-        r = ::statx(op.dfd, op.path, op.flags, op.len, op.statxbuf);
-        break;
-      case OpCode::unlinkat:
-        r = ::unlinkat(op.dfd, op.path, op.flags);
-        break;
-      case OpCode::renameat:
-        // io_uring's renameat is renameat2, with the flags (RENAME_NOREPLACE...).
-        r = ::renameat2(op.dfd, op.path, op.dfd, op.path2, static_cast<unsigned>(op.flags));
-        break;
-      case OpCode::mkdirat:
-        r = ::mkdirat(op.dfd, op.path, static_cast<mode_t>(op.mode));
-        break;
-      case OpCode::ftruncate:
-        r = ::ftruncate(op.fd, op.offset);  // to length `offset`
-        break;
-      default:
-        errno = EINVAL;
-        r = -1;
-        break;
-    }
-    // Pool threads block signals, so EINTR is rare; it means nothing was done.
-  } while (r < 0 && errno == EINTR);
-  return result(r);
-}
 
 }  // namespace
 

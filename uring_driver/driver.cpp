@@ -1,5 +1,7 @@
 #include "uring_driver/driver.hpp"
 
+#include "epoll_bridge/blocking.hpp"
+
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -602,6 +604,16 @@ void UringDriver::dispatch(const Cqe& cqe) noexcept {
     prepare(get_sqe(), op);
     ++stats_.multishot_rearms;
     more = true;
+  }
+  if (res == -ECANCELED && !more && op->state == Op::State::in_flight && !shutting_down_ &&
+      blocking_call_is_bounded(*op)) {
+    // Nobody cancelled it: io_uring ends a call it meant to run on a worker
+    // thread this way when it cannot start one (RLIMIT_NPROC reached, a clone
+    // that fails), before making it. Make it here, as libuv's synchronous
+    // uv_fs_* call would: the loop waits for the disk, but the owner gets the
+    // call's real result.
+    res = run_blocking(*op);
+    ++stats_.worker_fallbacks;
   }
   if (!more) untrack(op);
   op->complete(op, res, flags | (more ? kMore : 0));

@@ -67,6 +67,9 @@ struct DriverStats {
   // SQEs that re-armed a multishot op its owner did not ask to end (after
   // -ENOBUFS, or when the kernel found the CQ full).
   std::uint64_t multishot_rearms = 0;
+  // Calls io_uring ended with -ECANCELED for want of a worker thread, made on
+  // the loop thread instead (see dispatch()).
+  std::uint64_t worker_fallbacks = 0;
 };
 
 class UringDriver final : public Park, public IoBackend {

@@ -9,16 +9,16 @@
 //
 // Each case runs in a forked child that becomes uid 65534 with RLIMIT_NPROC 1
 // (as root the limit does not apply), then sets up its loop or Runtime.
-// - rp_fs_* on io_uring: today they complete with UV_ECANCELED. A known bug
-//   of the driver, not of this test: the test skips with the description
-//   unless RINGPARK_TEST_KNOWN_BUGS=1. (The same burst of UV_ECANCELED was
-//   seen once in the soak under ThreadSanitizer, where the first worker's
-//   clone failed under the signal storm.) On the fallback rp_fs_* is libuv's
-//   own call on libuv's pool, and libuv aborts the process when it cannot
-//   start its pool: nothing ringpark can change, so that case does not run.
-// - the C++ Runtime's File::open and fsync: on io_uring the same bug; on the
+// - rp_fs_* on io_uring: the driver makes such a call itself, on the loop
+//   thread, when io_uring ends it with -ECANCELED unasked (they once came
+//   back as UV_ECANCELED; the same burst was seen in the soak under
+//   ThreadSanitizer, where the first worker's clone failed under the signal
+//   storm). On the fallback rp_fs_* is libuv's own call on libuv's pool, and
+//   libuv aborts the process when it cannot start its pool: nothing ringpark
+//   can change, so that case does not run.
+// - the C++ Runtime's File::open and fsync: on io_uring the same; on the
 //   fallback its own pool runs a job in the caller's thread when it cannot
-//   start one, and the results must be right.
+//   start one. The results must be right on both.
 // Needs root (to set the uid).
 #include <fcntl.h>
 #include <grp.h>
@@ -43,11 +43,6 @@ namespace ringpark::test {
 namespace {
 
 constexpr uid_t kNobody = 65534;
-
-bool known_bugs_run() {
-  const char* v = std::getenv("RINGPARK_TEST_KNOWN_BUGS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
 
 // In the child: an unprivileged user that may not start one more thread.
 bool become_nobody_without_threads() {
@@ -124,14 +119,8 @@ TEST_F(NoThreads, RpFsGivesTheRealResultWhenIoUringCannotStartAWorker) {
     EXPECT_EQ(rp_uv_run(&loop, UV_RUN_DEFAULT), 0);
     EXPECT_EQ(rp_loop_close(&loop), 0);
 
-    if ((opened == UV_ECANCELED || synced == UV_ECANCELED) && !known_bugs_run()) {
-      GTEST_SKIP() << "KNOWN BUG (driver): io_uring ends operations it cannot hand to a worker "
-                      "thread with -ECANCELED, and ringpark passes that on: rp_fs_open gave "
-                   << opened << ", rp_fs_fsync gave " << synced
-                   << " for requests nobody cancelled (libuv's own calls gave " << sync_open
-                   << " and " << sync_fsync << "). RINGPARK_TEST_KNOWN_BUGS=1 runs the check.";
-    }
-    EXPECT_GE(opened, 0) << "rp_fs_open: " << uv_strerror(static_cast<int>(opened));
+    EXPECT_GE(opened, 0) << "rp_fs_open: " << uv_strerror(static_cast<int>(opened))
+                         << " (libuv's own call gave " << sync_open << ")";
     EXPECT_EQ(synced, sync_fsync) << "rp_fs_fsync: " << uv_strerror(static_cast<int>(synced));
   });
   RP_EXPECT_CHILD_PASSED(outcome);
@@ -149,11 +138,6 @@ TEST_F(NoThreads, RuntimeFileOpsGiveTheRealResultWhenNoThreadCanStart) {
     ASSERT_TRUE(become_nobody_without_threads()) << std::strerror(errno);
     Runtime rt = Runtime::Builder().build();
     const int r = block_on(rt, open_and_sync(rt, file_));
-    if (r == -ECANCELED && rt.backend_name() == "io_uring" && !known_bugs_run()) {
-      GTEST_SKIP() << "KNOWN BUG (driver): io_uring ends operations it cannot hand to a worker "
-                      "thread with -ECANCELED, and ringpark passes that on: File::open/fsync "
-                      "gave ECANCELED. RINGPARK_TEST_KNOWN_BUGS=1 runs the check.";
-    }
     EXPECT_EQ(r, 0) << "on " << rt.backend_name() << ": " << std::strerror(-r);
   });
   RP_EXPECT_CHILD_PASSED(outcome);
