@@ -335,13 +335,10 @@ void LoopContext::on_prepare(uv_prepare_t* handle) {
     } else {
       const std::uint64_t ran = self->chain_->stats().completions;
       self->chain_->top().turn();
-      // Ringpark callbacks ran here, before libuv's poll: under UV_RUN_ONCE
-      // (or a plain uv_run, whose mode we cannot see) that is the progress
-      // the caller waits for, so the poll must not block. (The writes those
-      // callbacks queue start before it, in before_libuv_sleeps, and
-      // complete without arming anything new.)
-      // So are check handles, which libuv runs after every poll that brought
-      // I/O (as in sleep_in_ring).
+      // Ringpark callbacks ran here, before libuv's poll, which then must not
+      // block (as in sleep_in_ring): under UV_RUN_ONCE (or a plain uv_run,
+      // whose mode we cannot see) they are the progress the caller waits
+      // for, and check handles expect to run after I/O callbacks.
       if ((!self->running_ || self->mode_ == UV_RUN_ONCE ||
            uv_private::has_check_handles(self->loop_)) &&
           self->chain_->stats().completions != ran) {
