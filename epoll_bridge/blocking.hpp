@@ -9,8 +9,8 @@ namespace ringpark::detail {
 
 // Makes `op`'s call (read, write, readv, writev, fsync, fdatasync, openat,
 // statx, unlinkat, renameat, mkdirat, ftruncate, shutdown; -EINVAL for any
-// other) and
-// returns its result, or a negative errno. Retries EINTR. May block.
+// other) and returns its result, or a negative errno. Retries EINTR. May
+// block.
 int run_blocking(const Op& op) noexcept;
 
 // Whether run_blocking makes `op`'s call, and that call returns without

@@ -1,7 +1,5 @@
 #include "uring_driver/driver.hpp"
 
-#include "epoll_bridge/blocking.hpp"
-
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -13,6 +11,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+
+#include "epoll_bridge/blocking.hpp"
 
 namespace ringpark::detail {
 
