@@ -43,6 +43,7 @@
 #include "ringpark.h"
 #include "runtime/uv/loop.hpp"
 #include "test_util.hpp"
+#include "uring_driver/backend_harness.hpp"
 #include "uring_driver/buf_ring.hpp"
 #include "uring_driver/driver.hpp"
 
@@ -55,49 +56,6 @@ using detail::OpCode;
 using detail::RingOptions;
 using detail::RingProbe;
 using detail::UringDriver;
-
-// ---- Sockets -----------------------------------------------------------------
-
-int listen_loopback(sockaddr_in* addr, int backlog = 128) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  *addr = {};
-  addr->sin_family = AF_INET;
-  addr->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof *addr;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(addr), len) < 0 || ::listen(fd, backlog) < 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(addr), &len) < 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-// A blocking connect to a loopback listener completes at once: the kernel
-// finishes the handshake into the listener's backlog.
-int connect_loopback(const sockaddr_in& addr) {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) < 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-class Fds {
- public:
-  ~Fds() {
-    for (int fd : fds_) ::close(fd);
-  }
-  int add(int fd) {
-    if (fd >= 0) fds_.push_back(fd);
-    return fd;
-  }
-
- private:
-  std::vector<int> fds_;
-};
 
 // Bytes that say where they sit in which stream: a lost, repeated or
 // reordered chunk shows up as a mismatch.
@@ -140,7 +98,7 @@ std::string kernel_ends_multishot_on_overflow(bool recv) {
   }
   Fds fds;
   sockaddr_in addr;
-  const int listener = fds.add(listen_loopback(&addr));
+  const int listener = fds.add(listen_loopback(&addr, 128));
   std::unique_ptr<detail::BufRing> bufs;
   int server = -1, client = -1;
   io_uring_sqe* sqe = io_uring_get_sqe(&ring);
@@ -281,7 +239,7 @@ TEST_F(TinyRing, MultishotAcceptEndedByCqOverflowIsReArmedAndLosesNoConnection) 
   if (std::string why = kernel_ends_multishot_on_overflow(false); !why.empty()) GTEST_SKIP() << why;
   if (std::string why = open(); !why.empty()) GTEST_SKIP() << why;
   sockaddr_in addr;
-  const int listener = fds_.add(listen_loopback(&addr));
+  const int listener = fds_.add(listen_loopback(&addr, 128));
   ASSERT_GE(listener, 0);
   Recorder& accept = make(OpCode::accept_multishot);
   accept.op.fd = listener;
@@ -328,7 +286,7 @@ TEST_F(TinyRing, MultishotRecvEndedByCqOverflowIsReArmedAndLosesNoByte) {
   if (std::string why = kernel_ends_multishot_on_overflow(true); !why.empty()) GTEST_SKIP() << why;
   if (std::string why = open(/*buf_entries=*/16); !why.empty()) GTEST_SKIP() << why;
   sockaddr_in addr;
-  const int listener = fds_.add(listen_loopback(&addr));
+  const int listener = fds_.add(listen_loopback(&addr, 128));
   const int client = fds_.add(connect_loopback(addr));
   const int server = fds_.add(::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC));
   ASSERT_GE(server, 0);

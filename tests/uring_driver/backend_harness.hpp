@@ -56,14 +56,14 @@ class Fds {
 };
 
 // A listening TCP socket on 127.0.0.1 with a kernel-chosen port.
-inline int listen_loopback(sockaddr_in* addr) {
+inline int listen_loopback(sockaddr_in* addr, int backlog = 16) {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) return -1;
   *addr = {};
   addr->sin_family = AF_INET;
   addr->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t len = sizeof *addr;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(addr), len) < 0 || ::listen(fd, 16) < 0 ||
+  if (::bind(fd, reinterpret_cast<sockaddr*>(addr), len) < 0 || ::listen(fd, backlog) < 0 ||
       ::getsockname(fd, reinterpret_cast<sockaddr*>(addr), &len) < 0) {
     ::close(fd);
     return -1;
