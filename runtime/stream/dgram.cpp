@@ -113,6 +113,21 @@ const sockaddr* address_of(const Item& it) noexcept {
 // itself, keeping order.
 bool sends_dont_wait(Dgram* d) noexcept { return d->life.io().native(OpCode::sendmsg); }
 
+bool watched(const Dgram* d) noexcept { return d->member.in; }
+
+// A watched socket's receive ended. True when it ended with -EAGAIN, which
+// is no error: it found the socket empty, unless it is a multishot recvmsg
+// that took datagrams (the kernel ends one with -EAGAIN after a number taken
+// at once, 32 on Linux 6.18, whether or not more wait). Any end but an empty
+// socket (datagrams, an error, a cancel) may leave datagrams behind: then the
+// next arm_receive drains again.
+bool ended_dry(Dgram* d, int res) noexcept {
+  if (!watched(d)) return false;
+  const bool eagain = res == -EAGAIN || res == -EWOULDBLOCK;
+  if (!eagain || d->ms_taken > 0) d->may_read = true;
+  return eagain;
+}
+
 void on_ms_op(Op* op, int res, std::uint32_t flags) noexcept;
 void on_plain_op(Op* op, int res, std::uint32_t flags) noexcept;
 void on_nop(Op* op, int res, std::uint32_t flags) noexcept;
@@ -447,12 +462,14 @@ void arm_multishot(Dgram* d) noexcept {
   d->ms_msg.msg_namelen = sizeof(sockaddr_storage);
   op.code = OpCode::recvmsg_multishot;
   op.fd = d->fd();
-  op.flags = 0;
+  op.flags = watched(d) ? MSG_DONTWAIT : 0;  // see arm_receive
   op.buf = &d->ms_msg;
   op.complete = &on_ms_op;
   op.data = d;
   d->ms_active = true;
   d->ms_cancelled = false;
+  d->may_read = false;  // until it ends otherwise than empty
+  d->ms_taken = 0;
   d->life.submit(&op);
 }
 
@@ -492,20 +509,27 @@ void arm_plain(Dgram* d, Plain& p) noexcept {
   Op& op = p.op;
   op.code = OpCode::recvmsg;
   op.fd = d->fd();
-  op.flags = MSG_TRUNC;  // the result is the datagram's real length
+  // MSG_TRUNC: the result is the datagram's real length.
+  op.flags = MSG_TRUNC | (watched(d) ? MSG_DONTWAIT : 0);
   op.buf = &p.msg;
   op.complete = &on_plain_op;
   op.data = &p;
   p.active = true;
   p.cancelled = false;
+  d->may_read = false;  // until it ends otherwise than empty
   d->life.submit(&op);
 }
 
 // Keeps the socket's receive armed while it reads: the multishot recvmsg, or
-// the plain receives that hold no datagram.
+// the plain receives that hold no datagram. A watched socket (in the loop's
+// EdgeSet) has its receive in the kernel only from an edge until the socket
+// is empty: MSG_DONTWAIT, so that it ends with -EAGAIN rather than wait in
+// the ring, where it would keep the socket open past the death of the
+// process (edges.hpp).
 void arm_receive(Dgram* d) noexcept {
   if (!reads_now(d) || (d->flags & kPaused) || d->fd() < 0) return;
   if ((d->flags & kErrorsComeBack) && d->chain_left > 0) return;  // see submit_chain
+  if (watched(d) && !d->may_read) return;  // waits for an edge
   if (d->mode == RecvMode::multishot) {
     // Armed, or its cancel is on the way and its final completion re-arms.
     if (!d->ms_active) arm_multishot(d);
@@ -542,12 +566,23 @@ void cancel_receive(Dgram* d) noexcept {
   }
 }
 
+// The loop's EdgeSet saw the watched socket become readable (or take an
+// error): its receive drains it, now if it reads.
+void on_edge(EdgeSet::Member* m) noexcept {
+  auto* d = static_cast<Dgram*>(m->data);
+  if (d->closing()) return;
+  d->may_read = true;
+  arm_receive(d);
+}
+
 // The multishot recvmsg's final completion: it ended because we asked (stop,
 // pause, close), on an error of the socket's (a connected socket's
 // ECONNREFUSED...), or because the kernel lacks it.
 void ms_ended(Dgram* d, int res, bool we_cancelled) noexcept {
   if (d->closing()) return;
-  if (res == -EOPNOTSUPP) {
+  if (ended_dry(d, res)) {
+    // Nothing more now: wait for the socket's next edge (or drain again).
+  } else if (res == -EOPNOTSUPP) {
     d->mode = RecvMode::plain;  // plain recvmsg from now on
   } else if (res < 0 && !(res == -ECANCELED && we_cancelled)) {
     on_socket_error(d, res);  // and receiving goes on, as libuv's
@@ -571,6 +606,7 @@ void on_ms_op(Op* op, int res, std::uint32_t flags) noexcept {
     IoBackend& io = d->life.io();
     Held h{};
     h.source = buffer_id(flags);
+    ++d->ms_taken;
     if (io.datagram(*op, res, flags, &h.d)) {
       on_item(d, h);
     } else {
@@ -589,7 +625,9 @@ void on_plain_op(Op* op, int res, std::uint32_t) noexcept {
   const bool we_cancelled = p->cancelled;
   p->cancelled = false;
   if (!d->closing()) {
-    if (res >= 0) {
+    if (ended_dry(d, res)) {
+      // Nothing now: wait for the socket's next edge.
+    } else if (res >= 0) {
       Held h{};
       h.source = ~static_cast<std::int32_t>(p - d->plain);
       h.d.addr = p->msg.msg_namelen > 0 ? reinterpret_cast<const sockaddr*>(&p->addr) : nullptr;
@@ -865,6 +903,14 @@ int recv_start(Dgram* d, bool batch) noexcept {
   if (d->mode == RecvMode::undecided) {
     d->mode = d->life.io().native(OpCode::recvmsg_multishot) ? RecvMode::multishot : RecvMode::plain;
   }
+  if (d->edges != nullptr && !watched(d) && d->life.io().native(OpCode::recvmsg)) {
+    // io_uring's receives would pin the socket (edges.hpp); the fallback's
+    // wait in its epoll set, which does not.
+    d->member.edge = &on_edge;
+    d->member.data = d;
+    d->may_read = true;  // it may hold datagrams already
+    d->edges->add(&d->member, d->fd());
+  }
   // What was kept goes first, from the loop (never inside this call).
   if (d->kept_head != nullptr || d->held_n > 0) want_deferred(d);
   arm_receive(d);
@@ -947,6 +993,7 @@ bool close(Dgram* d) noexcept {
   // is cancelled.
   submit_chain(d);
   d->flags = (d->flags | kClosing) & ~kReceiving;
+  if (watched(d)) d->edges->remove(&d->member);  // while the fd is open
   return d->life.close();
 }
 
@@ -988,6 +1035,7 @@ void after_fork(Dgram* d, IoBackend* io) noexcept {
   }
   d->chain_left = 0;
   d->flags &= ~(kStarved | kNoRoom | kPaused | kDryRound);
+  d->may_read = true;  // the EdgeSet takes the socket again (EdgeSet::after_fork)
   if (d->closing()) return;  // the FdLife finishes the close in the new backend
   d->resume = true;
   schedule_nop(d);

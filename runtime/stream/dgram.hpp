@@ -16,7 +16,11 @@
 //   same: one in flight on io_uring, which keeps no order between several
 //   waiting on one socket, a few on the fallback, which does. (One exception:
 //   on a socket that ICMP errors come back to, the receive is off while a
-//   chain of sends is out; see set_errors_come_back);
+//   chain of sends is out; see set_errors_come_back.) On io_uring, given the
+//   loop's EdgeSet (Dgram::edges), "in flight" means from an edge of the
+//   socket until it is empty: the receive then drains with MSG_DONTWAIT and
+//   never waits in the ring, where it would keep the socket (and its port)
+//   open past the death of the process (edges.hpp);
 // - batches: the datagrams of one round of completions end, as libuv's
 //   wakeups end, with recv(0, buffer, no address): "nothing more now". A
 //   socket in batch mode (libuv's UV_UDP_RECVMMSG) gets libuv's recvmmsg
@@ -78,6 +82,7 @@
 #include <cstdint>
 
 #include "ringpark/op.hpp"
+#include "runtime/stream/edges.hpp"
 #include "runtime/stream/fd_life.hpp"
 
 namespace ringpark::detail::dgram {
@@ -178,8 +183,17 @@ struct Dgram {
   msghdr ms_msg{};  // room kept for the source address in each buffer
   bool ms_active = false;
   bool ms_cancelled = false;
+  std::uint32_t ms_taken = 0;  // datagrams (buffers) it brought since armed
   Plain* plain = nullptr;
   unsigned plain_n = 0;
+  // The loop's EdgeSet, given by the front end before recv_start (null: the
+  // receive stays armed in the ring). Where the backend is io_uring, the
+  // socket joins it at its first recv_start: its receive is then in the
+  // kernel only from an edge until it finds the socket empty (see
+  // edges.hpp and arm_receive).
+  EdgeSet* edges = nullptr;
+  EdgeSet::Member member;  // member.in: the socket is watched
+  bool may_read = true;    // an edge came since a receive last found it empty
   Held held[kMaxChunks];  // a batch socket's datagrams of this round
   unsigned held_n = 0;
   unsigned batch_chunks = kMaxChunks;  // datagrams the reader's last batch buffer held

@@ -51,28 +51,12 @@ if [[ "${1:-}" == "--inner" ]]; then
   cd "$src"
   # A test in one process, its helpers in others; libuv's runner kills them on
   # its own per-test timeout. The outer `timeout` only guards the runner itself.
-  # KNOWN FLAKE, not understood yet: under the preload, udp_send_and_recv
-  # failed once in four full runs (2026-12-05) with its first uv_udp_bind of
-  # 0.0.0.0:TEST_PORT giving an error (EADDRINUSE, presumably): the port still
-  # bound by the test before it (udp_ref2, whose adopted socket closes as its
-  # process ends). Not reproduced in 100 runs of that sequence. A failure of a
-  # test named here is run once more, a second later, and said so in the log
-  # ("passed on its second run"); any other failure stands as it is.
-  retry_once=" udp_send_and_recv "
   while IFS= read -r name; do
     [[ -n "$name" ]] || continue
     out="$results/logs/$name.log"
     set +e
     timeout -k 10 "$test_timeout" "$runner" "$name" </dev/null >"$out" 2>&1
     rc=$?
-    if [[ $rc -ne 0 && $rc -ne 7 && "$retry_once" == *" $name "* ]]; then
-      echo "FLAKY - $name failed its first run (exit $rc), run once more:"
-      sed 's/^/    /' "$out"
-      sleep 1
-      timeout -k 10 "$test_timeout" "$runner" "$name" </dev/null >"$out" 2>&1
-      rc=$?
-      [[ $rc -eq 0 ]] && echo "# run.sh: passed on its second run (see FLAKY above)" >>"$out"
-    fi
     set -e
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then
       echo "# run.sh: killed after ${test_timeout}s" >>"$out"

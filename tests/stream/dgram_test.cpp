@@ -41,12 +41,16 @@ struct Config {
   const char* name;
   detail::BackendChoice backend;
   bool multishot;  // with the datagram buffer ring
+  // Sockets in an EdgeSet (their receive in the ring only while they have
+  // datagrams), as the adopted uv_udp_t's; without, it stays armed.
+  bool edges;
 };
 
 const Config kConfigs[] = {
-    {"uring_multishot", detail::BackendChoice::uring, true},
-    {"uring_plain", detail::BackendChoice::uring, false},
-    {"epoll", detail::BackendChoice::epoll, false},
+    {"uring_multishot", detail::BackendChoice::uring, true, true},
+    {"uring_multishot_armed", detail::BackendChoice::uring, true, false},
+    {"uring_plain", detail::BackendChoice::uring, false, true},
+    {"epoll", detail::BackendChoice::epoll, false, true},
 };
 
 // ---- The test front end -----------------------------------------------------------
@@ -204,6 +208,7 @@ class DgramTest : public ::testing::TestWithParam<Config> {
     const bool ms = chain_->io().native(detail::OpCode::recvmsg_multishot);
     if (GetParam().multishot && !ms) GTEST_SKIP() << "no multishot recvmsg on this kernel";
     ASSERT_EQ(ms, GetParam().multishot);
+    if (GetParam().edges) edges_ = std::make_unique<detail::EdgeSet>(&chain_->io(), nullptr);
   }
 
   void TearDown() override {
@@ -226,6 +231,7 @@ class DgramTest : public ::testing::TestWithParam<Config> {
       std::free(s->given);
     }
     chain_.reset();  // nothing in flight any more: every Sock outlived its ops
+    edges_.reset();  // nor the EdgeSet's poll
     for (int fd : fds_) ::close(fd);
   }
 
@@ -254,6 +260,7 @@ class DgramTest : public ::testing::TestWithParam<Config> {
     auto s = std::make_unique<Sock>();
     s->chain = chain_.get();
     dg::init(&s->d, &chain_->io(), &kHost, s.get(), fd);
+    s->d.edges = edges_.get();
     socks_.push_back(std::move(s));
     return socks_.back().get();
   }
@@ -284,6 +291,7 @@ class DgramTest : public ::testing::TestWithParam<Config> {
   }
 
   std::unique_ptr<detail::Chain> chain_;
+  std::unique_ptr<detail::EdgeSet> edges_;
   std::vector<std::unique_ptr<Sock>> socks_;
   std::vector<std::unique_ptr<Req>> reqs_;
   std::vector<int> fds_;

@@ -4,8 +4,10 @@
 // that each expectation is checked against libuv itself. See udp_harness.hpp.
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <atomic>
@@ -643,6 +645,90 @@ TEST_F(UdpTest, TheFdIsClosedAndReusableAfterTheCloseCallback) {
   ASSERT_TRUE(run_until([&] { return v->sent_order.size() == 1; }));
   EXPECT_EQ(sends_.back()->status, 0);
   EXPECT_EQ(drain(rx), (std::vector<std::string>{"before", "after"}));
+}
+
+// A process killed while its socket receives lets go of the port as it dies,
+// as libuv's: a server restarted at once (or libuv's next test) binds it.
+// An io_uring op waiting on the socket would keep the socket open until the
+// dead process's ring is torn down, some milliseconds later (edges.hpp).
+TEST_F(UdpTest, AKilledReceiverFreesItsPortAtOnce) {
+  int ready[2];
+  ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // The child: a loop of its own, one socket receiving, idle.
+    uv_loop_t loop;
+    uv_udp_t h;
+    sockaddr_in any{};
+    any.sin_family = AF_INET;
+    any.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (uv_loop_init(&loop) != 0 || uv_udp_init(&loop, &h) != 0 ||
+        uv_udp_bind(&h, reinterpret_cast<const sockaddr*>(&any), 0) != 0 ||
+        uv_udp_recv_start(
+            &h, [](uv_handle_t*, std::size_t, uv_buf_t* b) { *b = uv_buf_init(nullptr, 0); },
+            [](uv_udp_t*, ssize_t, const uv_buf_t*, const sockaddr*, unsigned) {}) != 0) {
+      ::_exit(1);
+    }
+    sockaddr_in at{};
+    int len = sizeof at;
+    if (uv_udp_getsockname(&h, reinterpret_cast<sockaddr*>(&at), &len) != 0) ::_exit(1);
+    for (int i = 0; i < 3; ++i) uv_run(&loop, UV_RUN_NOWAIT);  // the receive is armed
+    const bool is_adopted = adopted(&h);
+    const std::uint16_t port = ntohs(at.sin_port);
+    char msg[3] = {static_cast<char>(port >> 8), static_cast<char>(port & 0xff),
+                   static_cast<char>(is_adopted)};
+    if (::write(ready[1], msg, sizeof msg) != sizeof msg) ::_exit(1);
+    for (;;) uv_run(&loop, UV_RUN_ONCE);  // until killed
+  }
+  ::close(ready[1]);
+  unsigned char msg[3] = {};
+  const ssize_t got = ::read(ready[0], msg, sizeof msg);
+  ::close(ready[0]);
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_EQ(got, 3) << "the child could not set its socket up";
+  EXPECT_EQ(msg[2] != 0, adoption_expected()) << "adoption in the child";
+  sockaddr_in at{};
+  at.sin_family = AF_INET;
+  at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  at.sin_port = htons(static_cast<std::uint16_t>(msg[0] << 8 | msg[1]));
+  const int s = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(s, 0);
+  EXPECT_EQ(::bind(s, reinterpret_cast<const sockaddr*>(&at), sizeof at), 0)
+      << "port " << ntohs(at.sin_port) << " still bound after its owner died: "
+      << std::strerror(errno);
+  ::close(s);
+}
+
+// After fork() the child's loop goes on receiving on the handle it inherited
+// (the parent, not running its loop, takes nothing meanwhile), as libuv's.
+TEST_F(UdpTest, AForkedChildGoesOnReceiving) {
+  sockaddr_storage at, from;
+  Udp* u = bound(AF_INET, &at);
+  int tx = raw_socket(AF_INET, &from, false);
+  ASSERT_EQ(start(u), 0);
+  run_for(20ms);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const bool got = run_until([&] { return u->datagrams() == 1; }, 10s);
+    bool right = false;
+    for (const auto& r : u->rx) right = right || (r.has_addr && r.data == "to the child");
+    ::_exit(got && right ? 0 : 1);
+  }
+  send_to(tx, "to the child", at);
+  int status = -1;
+  for (int i = 0; i < 150 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
+    std::this_thread::sleep_for(100ms);
+  }
+  if (!WIFEXITED(status) && !WIFSIGNALED(status)) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    FAIL() << "the child got nothing in 15 s";
+  }
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status;
 }
 
 // uv_close from inside recv_cb and from inside a send callback.

@@ -72,8 +72,10 @@ struct Counts {
 };
 
 // UDP adoption's per-loop state: the adopted sockets (to resume after a
-// fork), the pool of send requests, the counts.
+// fork), the EdgeSet their receives wait in, the pool of send requests, the
+// counts.
 struct UdpSet final : LoopContext::Extension {
+  explicit UdpSet(LoopContext* c) : ctx(c), edges(&c->chain().io(), c->libuv_accounted()) {}
   ~UdpSet() override {
     while (free_sends != nullptr) {
       dg::SendReq* r = free_sends;
@@ -84,9 +86,11 @@ struct UdpSet final : LoopContext::Extension {
   void stop() noexcept override {}
   void after_fork() noexcept override {
     for (AdoptedUdp* a = head; a != nullptr; a = a->next) dg::after_fork(&a->d, &ctx->chain().io());
+    edges.after_fork(&ctx->chain().io());
   }
 
-  LoopContext* ctx = nullptr;
+  LoopContext* ctx;
+  EdgeSet edges;
   AdoptedUdp* head = nullptr;
   dg::SendReq* free_sends = nullptr;
   Counts counts;
@@ -231,9 +235,8 @@ constexpr dg::Host kHost = {
 
 UdpSet* udp_set(LoopContext* ctx) noexcept {
   if (auto* set = ctx->find_extension<UdpSet>()) return set;
-  std::unique_ptr<UdpSet> made(new (std::nothrow) UdpSet);
+  std::unique_ptr<UdpSet> made(new (std::nothrow) UdpSet(ctx));
   if (!made) return nullptr;
-  made->ctx = ctx;
   return ctx->add_extension(std::move(made));
 }
 
@@ -274,6 +277,7 @@ AdoptedUdp* try_adopt(uv_udp_t* h) noexcept {
   a->handle = h;
   a->set = set;
   dg::init(&a->d, &ctx->chain().io(), &kHost, a, fd);
+  a->d.edges = &set->edges;
   a->recverr = recverr_on(fd);
   update_errors(a);
   // libuv's own counts keep the loop alive for this socket's ops (see
