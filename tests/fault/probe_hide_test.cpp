@@ -27,9 +27,11 @@
 #include "ringpark.h"
 #include "runtime/uv/loop.hpp"
 #include "test_util.hpp"
+#include "uv_stat_util.hpp"
 
 namespace {
 
+using ringpark::test::expect_same_stat;
 using ringpark::test::run_in_child;
 
 constexpr unsigned kOpFtruncate = 55;  // Linux 6.9, newer than liburing 2.3
@@ -149,25 +151,6 @@ class FsScript {
   std::string dir_;
   std::set<unsigned> hidden_;
 };
-
-void expect_same_stat(const uv_stat_t& a, const uv_stat_t& b) {
-  EXPECT_EQ(a.st_dev, b.st_dev);
-  EXPECT_EQ(a.st_mode, b.st_mode);
-  EXPECT_EQ(a.st_nlink, b.st_nlink);
-  EXPECT_EQ(a.st_uid, b.st_uid);
-  EXPECT_EQ(a.st_gid, b.st_gid);
-  EXPECT_EQ(a.st_rdev, b.st_rdev);
-  EXPECT_EQ(a.st_ino, b.st_ino);
-  EXPECT_EQ(a.st_size, b.st_size);
-  EXPECT_EQ(a.st_blksize, b.st_blksize);
-  EXPECT_EQ(a.st_blocks, b.st_blocks);
-  EXPECT_EQ(a.st_mtim.tv_sec, b.st_mtim.tv_sec);
-  EXPECT_EQ(a.st_mtim.tv_nsec, b.st_mtim.tv_nsec);
-  EXPECT_EQ(a.st_ctim.tv_sec, b.st_ctim.tv_sec);
-  EXPECT_EQ(a.st_ctim.tv_nsec, b.st_ctim.tv_nsec);
-  EXPECT_EQ(a.st_birthtim.tv_sec, b.st_birthtim.tv_sec);
-  EXPECT_EQ(a.st_birthtim.tv_nsec, b.st_birthtim.tv_nsec);
-}
 
 // Every rp_fs_* call, beside its twin.
 void run_script(FsScript& s) {

@@ -12,8 +12,11 @@
 #include <string>
 
 #include "ringpark.h"
+#include "uv_stat_util.hpp"
 
 namespace {
+
+using ringpark::test::expect_same_stat;
 
 class UvFs : public ::testing::Test {
  protected:
@@ -52,27 +55,6 @@ class UvFs : public ::testing::Test {
 };
 
 // Field-for-field what a callback may read.
-void expect_same_stat(const uv_stat_t& a, const uv_stat_t& b) {
-  EXPECT_EQ(a.st_dev, b.st_dev);
-  EXPECT_EQ(a.st_mode, b.st_mode);
-  EXPECT_EQ(a.st_nlink, b.st_nlink);
-  EXPECT_EQ(a.st_uid, b.st_uid);
-  EXPECT_EQ(a.st_gid, b.st_gid);
-  EXPECT_EQ(a.st_rdev, b.st_rdev);
-  EXPECT_EQ(a.st_ino, b.st_ino);
-  EXPECT_EQ(a.st_size, b.st_size);
-  EXPECT_EQ(a.st_blksize, b.st_blksize);
-  EXPECT_EQ(a.st_blocks, b.st_blocks);
-  EXPECT_EQ(a.st_flags, b.st_flags);
-  EXPECT_EQ(a.st_gen, b.st_gen);
-  EXPECT_EQ(a.st_mtim.tv_sec, b.st_mtim.tv_sec);
-  EXPECT_EQ(a.st_mtim.tv_nsec, b.st_mtim.tv_nsec);
-  EXPECT_EQ(a.st_ctim.tv_sec, b.st_ctim.tv_sec);
-  EXPECT_EQ(a.st_ctim.tv_nsec, b.st_ctim.tv_nsec);
-  EXPECT_EQ(a.st_birthtim.tv_sec, b.st_birthtim.tv_sec);
-  EXPECT_EQ(a.st_birthtim.tv_nsec, b.st_birthtim.tv_nsec);
-}
-
 TEST_F(UvFs, StatMatchesLibuvFieldByField) {
   for (auto [rp, uv, type] : {std::tuple{&rp_fs_stat, &uv_fs_stat, UV_FS_STAT},
                               std::tuple{&rp_fs_lstat, &uv_fs_lstat, UV_FS_LSTAT}}) {
