@@ -5,7 +5,10 @@
 #   - Debian 12's node 18 (nodejs + libnode108, linked to the system libuv1),
 #     a `net` echo server and an `http` hello server, fetched with
 #     `apt-get download` and unpacked with `dpkg -x` into the build folder, so
-#     that no node the machine already has is touched.
+#     that no node the machine already has is touched;
+#   - Debian 12's knot-resolver 5.6 (kresd), fetched the same way, answering
+#     DNS over UDP and TCP from its hints module (kresd_check.sh: every answer
+#     checked; and the port of a kresd killed with SIGKILL is free at once).
 # For each: every byte is checked (bench/loadgen checks every echoed byte;
 # every HTTP response is compared whole), the program's own TCP streams were
 # adopted (RINGPARK_STATS at exit), and while it holds an idle connection its
@@ -190,6 +193,18 @@ else
     stop "node http"
     expect_adopted "node http"
   fi
+fi
+
+# ---- Debian 12's knot-resolver 5.6 ---------------------------------------------------
+# shellcheck source=tests/programs/kresd.sh
+source "$here/kresd.sh"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "programs: kresd skipped: needs root for its namespaces"
+elif ! kresd_fetch "$work"; then
+  echo "programs: kresd skipped: apt-get download failed (see $work/kresd-download.log)"
+else
+  kresd_namespace bash "$here/kresd_check.sh" "$preload" "$KRESD_ROOT/usr/sbin/kresd" "$work" ||
+    fail "kresd (see above)"
 fi
 
 if [ "$failures" -ne 0 ]; then
