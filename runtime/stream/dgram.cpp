@@ -1,6 +1,7 @@
 #include "runtime/stream/dgram.hpp"
 
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -566,13 +567,46 @@ void cancel_receive(Dgram* d) noexcept {
   }
 }
 
-// The loop's EdgeSet saw the watched socket become readable (or take an
-// error): its receive drains it, now if it reads.
-void on_edge(EdgeSet::Member* m) noexcept {
+void submit_chain(Dgram* d) noexcept;
+void on_edge(EdgeSet::Member* m, std::uint32_t events) noexcept;
+
+// Puts the socket in the loop's EdgeSet, if it has one and is not in it yet,
+// at its first receive or wait for room. Only on io_uring, whose ops would
+// pin the socket (edges.hpp); the fallback's wait in its own epoll set,
+// which does not. Returns whether the socket is watched.
+bool watch(Dgram* d) noexcept {
+  if (watched(d) || d->edges == nullptr || d->closing() ||
+      !d->life.io().native(OpCode::recvmsg)) {
+    return watched(d);
+  }
+  d->member.edge = &on_edge;
+  d->member.data = d;
+  d->may_read = true;  // it may hold datagrams already
+  return d->edges->add(&d->member, d->fd());
+}
+
+// The wait for room in the EdgeSet ends.
+void end_edge_wait(Dgram* d) noexcept {
+  d->wait_active = false;
+  d->wait_on_edge = false;
+  if (watched(d)) d->edges->want_out(&d->member, false);
+}
+
+// The loop's EdgeSet saw the watched socket become readable, writable or
+// take an error: the sends that waited for room go again (first, so that an
+// error goes to them, as after the poll's wait), and the receive drains the
+// socket, now if it reads.
+void on_edge(EdgeSet::Member* m, std::uint32_t events) noexcept {
   auto* d = static_cast<Dgram*>(m->data);
   if (d->closing()) return;
-  d->may_read = true;
-  arm_receive(d);
+  if (d->wait_on_edge && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+    end_edge_wait(d);
+    submit_chain(d);
+  }
+  if (events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
+    d->may_read = true;
+    arm_receive(d);
+  }
 }
 
 // The multishot recvmsg's final completion: it ended because we asked (stop,
@@ -663,13 +697,18 @@ void finish_sends(Dgram* d) noexcept {
 }
 
 void wait_writable(Dgram* d) noexcept {
+  d->wait_active = true;
+  if (watch(d) && d->edges->want_out(&d->member, true)) {
+    // In the EdgeSet, like the receive: nothing waits in the ring.
+    d->wait_on_edge = true;
+    return;
+  }
   Op& op = d->wait_op;
   op.code = OpCode::poll;
   op.fd = d->fd();
   op.flags = POLLOUT;
   op.complete = &on_wait_op;
   op.data = d;
-  d->wait_active = true;
   d->life.submit(&op);
 }
 
@@ -784,7 +823,11 @@ void cancel_all(FdLife* life) noexcept {
   // Requests, not releases: every op still ends with its own final CQE.
   IoBackend& io = life->io();
   cancel_receive(d);
-  if (d->wait_active) io.cancel(&d->wait_op);
+  if (d->wait_on_edge) {
+    d->wait_active = d->wait_on_edge = false;  // out of the EdgeSet already (close)
+  } else if (d->wait_active) {
+    io.cancel(&d->wait_op);
+  }
   if (!sends_dont_wait(d) && d->chain_left > 0 && !d->barrier_active) {
     // The fallback's sends wait for room in its lists, and its cancel ends an
     // op it has not started yet without trying it: the sends the close just
@@ -903,14 +946,7 @@ int recv_start(Dgram* d, bool batch) noexcept {
   if (d->mode == RecvMode::undecided) {
     d->mode = d->life.io().native(OpCode::recvmsg_multishot) ? RecvMode::multishot : RecvMode::plain;
   }
-  if (d->edges != nullptr && !watched(d) && d->life.io().native(OpCode::recvmsg)) {
-    // io_uring's receives would pin the socket (edges.hpp); the fallback's
-    // wait in its epoll set, which does not.
-    d->member.edge = &on_edge;
-    d->member.data = d;
-    d->may_read = true;  // it may hold datagrams already
-    d->edges->add(&d->member, d->fd());
-  }
+  watch(d);
   // What was kept goes first, from the loop (never inside this call).
   if (d->kept_head != nullptr || d->held_n > 0) want_deferred(d);
   arm_receive(d);
@@ -1013,7 +1049,7 @@ void after_fork(Dgram* d, IoBackend* io) noexcept {
   forget(&d->wait_op);
   forget(&d->barrier);
   d->ms_active = d->ms_cancelled = false;
-  d->nop_active = d->wait_active = d->barrier_active = false;
+  d->nop_active = d->wait_active = d->wait_on_edge = d->barrier_active = false;
   d->deferred = false;
   for (unsigned i = 0; i < d->plain_n; ++i) {
     forget(&d->plain[i].op);

@@ -40,9 +40,10 @@
 //   chain (IoBackend::submit_in_order: linked SQEs on io_uring), and the next
 //   chain only once this one has completed. On io_uring no send waits in the
 //   kernel for room (MSG_DONTWAIT): one that finds none ends the chain there
-//   (the link cancels the rest, unsent), the engine waits for POLLOUT and
-//   sends them again, in order, as libuv's uv__udp_sendmsg does; so nothing of
-//   a closing socket can stay stuck in the kernel. The fallback waits for room
+//   (the link cancels the rest, unsent), the engine waits for POLLOUT (in the
+//   EdgeSet when it has one, else with a poll op) and sends them again, in
+//   order, as libuv's uv__udp_sendmsg does; so nothing of a closing socket can
+//   stay stuck in the kernel. The fallback waits for room
 //   itself and keeps one socket's sends in order. A chain rather than only the
 //   head in flight, because an echo answers every datagram of a round: with
 //   the head alone each send would cost a round trip through the ring, with a
@@ -207,8 +208,9 @@ struct Dgram {
   Op nop;
   bool nop_active = false;
   bool resume = false;  // the nop resumes after a fork
-  Op wait_op;  // a poll for POLLOUT: the socket had no room for a send
-  bool wait_active = false;
+  Op wait_op;  // a poll for POLLOUT (without the EdgeSet): no room for a send
+  bool wait_active = false;  // waiting for room (wait_op, or an edge)
+  bool wait_on_edge = false;  // the wait is in the EdgeSet, not an op
   Op barrier;  // the fallback's close: cancels the sends tried before it
   bool barrier_active = false;
   // Sending: the queue in order; [head, unsent) are in the chain in flight.

@@ -58,6 +58,14 @@ void EdgeSet::remove(Member* m) noexcept {
   recount();
 }
 
+bool EdgeSet::want_out(Member* m, bool on) noexcept {
+  if (!m->in) return false;
+  epoll_event ev{};
+  ev.events = EPOLLIN | EPOLLET | (on ? EPOLLOUT : 0u);
+  ev.data.ptr = m;
+  return ::epoll_ctl(epfd_, EPOLL_CTL_MOD, m->fd, &ev) == 0;
+}
+
 void EdgeSet::recount() noexcept {
   const bool want = armed_ && members_ > 0 && accounted_ != nullptr;
   if (want == counted_) return;
@@ -88,7 +96,7 @@ void EdgeSet::read_events() noexcept {
     if (n < 0 && errno == EINTR) continue;
     for (int i = 0; i < n; ++i) {
       auto* m = static_cast<Member*>(evs[i].data.ptr);
-      m->edge(m);  // must not remove members (see Member)
+      m->edge(m, evs[i].events);  // must not remove members (see Member)
     }
     if (n < kMax) return;
   }
@@ -117,7 +125,7 @@ void EdgeSet::on_poll(Op* op, int res, std::uint32_t flags) noexcept {
   std::fprintf(stderr, "ringpark: the poll on the datagram epoll set failed (%d)\n", res);
   while (Member* m = self->head_) {
     self->remove(m);
-    m->edge(m);
+    m->edge(m, EPOLLIN | EPOLLOUT);
   }
 }
 
@@ -139,7 +147,7 @@ void EdgeSet::after_fork(IoBackend* io) noexcept {
     const int fd = m->fd;
     m->in = false;
     m->prev = m->next = nullptr;
-    add(m, fd);  // on failure the member is simply out: m->in says so
+    add(m, fd);  // watching for EPOLLIN only; on failure the member is out
     m = next;
   }
 }

@@ -7,9 +7,10 @@
 // socket, and its port, alive after a kill: a server restarted at once, or the
 // next test of libuv's suite, gets EADDRINUSE where libuv's own epoll loop
 // (whose sockets die with the process) gets the port. An epoll set holds no
-// reference to what it watches, so a socket watched here waits in the ring
-// only while it has datagrams (its receive drains it with MSG_DONTWAIT), and
-// dies with the process, as libuv's.
+// reference to what it watches, so a socket watched here is in the ring only
+// while it has datagrams (its receive drains it with MSG_DONTWAIT) or while
+// its sends go out (a wait for room is an EPOLLOUT edge here too), and dies
+// with the process, as libuv's.
 //
 // One EdgeSet per loop: an epoll set of its own (edge-triggered: one event
 // per arrival, never a level that stays), watched from the backend with one
@@ -24,6 +25,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "ringpark/op.hpp"
 
@@ -32,10 +34,12 @@ namespace ringpark::detail {
 class EdgeSet {
  public:
   struct Member {
-    // The socket may have become readable (or has an error to take). Runs
-    // inside the backend's completions; it may submit ops, but must not
-    // remove members or call user code.
-    void (*edge)(Member* m) noexcept = nullptr;
+    // The socket may have become readable (EPOLLIN), writable (EPOLLOUT,
+    // while asked for with want_out), or has an error to take (EPOLLERR,
+    // EPOLLHUP): `events` says which. Runs inside the backend's completions;
+    // it may submit ops and call want_out, but must not remove members or
+    // call user code.
+    void (*edge)(Member* m, std::uint32_t events) noexcept = nullptr;
     void* data = nullptr;  // for the owner
     int fd = -1;
     bool in = false;  // in the set
@@ -56,6 +60,10 @@ class EdgeSet {
   bool add(Member* m, int fd) noexcept;
   // Stops watching; the fd must still be open. No edge comes for `m` after.
   void remove(Member* m) noexcept;
+  // Adds EPOLLOUT to what `m` is watched for (an edge comes at once if the
+  // socket has room already), or takes it off again. False when `m` is not
+  // in the set or the epoll set refused.
+  bool want_out(Member* m, bool on) noexcept;
   // In a forked child, on the child's backend: the poll op was forgotten with
   // the parent's ring, and the epoll set is shared with the parent. A fresh
   // set takes every member again (no edge is called: the members drain once

@@ -702,6 +702,69 @@ TEST_F(UdpTest, AKilledReceiverFreesItsPortAtOnce) {
   ::close(s);
 }
 
+// The same for a socket whose sends wait for room (a unix datagram socket
+// whose peer does not read): its abstract name is free the moment its
+// process is reaped.
+TEST_F(UdpTest, AKilledSenderWaitingForRoomFreesItsNameAtOnce) {
+  const std::string name = "rp-udp-kill-" + std::to_string(::getpid());
+  const auto address = [&](const std::string& n, socklen_t* len) {
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::memcpy(a.sun_path + 1, n.data(), n.size());  // abstract: sun_path[0] is 0
+    *len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + n.size());
+    return a;
+  };
+  int ready[2];
+  ASSERT_EQ(::pipe2(ready, O_CLOEXEC), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    socklen_t len = 0;
+    sockaddr_un peer_at = address(name + "-peer", &len);
+    const int peer = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (::bind(peer, reinterpret_cast<sockaddr*>(&peer_at), len) != 0) ::_exit(1);
+    const int s = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    sockaddr_un at = address(name, &len);
+    if (::bind(s, reinterpret_cast<sockaddr*>(&at), len) != 0) ::_exit(1);
+    socklen_t peer_len = 0;
+    peer_at = address(name + "-peer", &peer_len);
+    if (::connect(s, reinterpret_cast<sockaddr*>(&peer_at), peer_len) != 0) ::_exit(1);
+    uv_loop_t loop;
+    uv_udp_t h;
+    if (uv_loop_init(&loop) != 0 || uv_udp_init(&loop, &h) != 0 || uv_udp_open(&h, s) != 0) {
+      ::_exit(1);
+    }
+    static char bytes[1000];
+    static uv_udp_send_t reqs[3000];
+    uv_buf_t b = uv_buf_init(bytes, sizeof bytes);
+    for (auto& r : reqs) {
+      if (uv_udp_send(&r, &h, &b, 1, nullptr, nullptr) != 0) ::_exit(1);
+    }
+    for (int i = 0; i < 5; ++i) uv_run(&loop, UV_RUN_NOWAIT);  // the peer's queue is full
+    char msg[2] = {static_cast<char>(adopted(&h)),
+                   static_cast<char>(uv_udp_get_send_queue_count(&h) > 0)};
+    if (::write(ready[1], msg, sizeof msg) != sizeof msg) ::_exit(1);
+    for (;;) uv_run(&loop, UV_RUN_ONCE);  // until killed
+  }
+  ::close(ready[1]);
+  char msg[2] = {};
+  const ssize_t got = ::read(ready[0], msg, sizeof msg);
+  ::close(ready[0]);
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_EQ(got, 2) << "the child could not set its socket up";
+  EXPECT_EQ(msg[0] != 0, adoption_expected()) << "adoption in the child";
+  ASSERT_TRUE(msg[1]) << "the sends never waited for room: this proves nothing";
+  socklen_t len = 0;
+  sockaddr_un at = address(name, &len);
+  const int s = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(s, 0);
+  EXPECT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&at), len), 0)
+      << "name still bound after its owner died: " << std::strerror(errno);
+  ::close(s);
+}
+
 // After fork() the child's loop goes on receiving on the handle it inherited
 // (the parent, not running its loop, takes nothing meanwhile), as libuv's.
 TEST_F(UdpTest, AForkedChildGoesOnReceiving) {
