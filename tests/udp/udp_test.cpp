@@ -647,6 +647,17 @@ TEST_F(UdpTest, TheFdIsClosedAndReusableAfterTheCloseCallback) {
   EXPECT_EQ(drain(rx), (std::vector<std::string>{"before", "after"}));
 }
 
+// Reads a forked child's report (`n` bytes) from `fd`, then kills the child
+// with SIGKILL and reaps it. Returns the bytes read.
+ssize_t report_then_kill(int fd, pid_t pid, void* msg, std::size_t n) {
+  const ssize_t got = ::read(fd, msg, n);
+  ::close(fd);
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  EXPECT_EQ(::waitpid(pid, &status, 0), pid);
+  return got;
+}
+
 // A process killed while its socket receives lets go of the port as it dies,
 // as libuv's: a server restarted at once (or libuv's next test) binds it.
 // An io_uring op waiting on the socket would keep the socket open until the
@@ -683,12 +694,8 @@ TEST_F(UdpTest, AKilledReceiverFreesItsPortAtOnce) {
   }
   ::close(ready[1]);
   unsigned char msg[3] = {};
-  const ssize_t got = ::read(ready[0], msg, sizeof msg);
-  ::close(ready[0]);
-  ::kill(pid, SIGKILL);
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ASSERT_EQ(got, 3) << "the child could not set its socket up";
+  ASSERT_EQ(report_then_kill(ready[0], pid, msg, sizeof msg), 3)
+      << "the child could not set its socket up";
   EXPECT_EQ(msg[2] != 0, adoption_expected()) << "adoption in the child";
   sockaddr_in at{};
   at.sin_family = AF_INET;
@@ -748,12 +755,8 @@ TEST_F(UdpTest, AKilledSenderWaitingForRoomFreesItsNameAtOnce) {
   }
   ::close(ready[1]);
   char msg[2] = {};
-  const ssize_t got = ::read(ready[0], msg, sizeof msg);
-  ::close(ready[0]);
-  ::kill(pid, SIGKILL);
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ASSERT_EQ(got, 2) << "the child could not set its socket up";
+  ASSERT_EQ(report_then_kill(ready[0], pid, msg, sizeof msg), 2)
+      << "the child could not set its socket up";
   EXPECT_EQ(msg[0] != 0, adoption_expected()) << "adoption in the child";
   ASSERT_TRUE(msg[1]) << "the sends never waited for room: this proves nothing";
   socklen_t len = 0;
