@@ -72,8 +72,8 @@ struct Counts {
 };
 
 // UDP adoption's per-loop state: the adopted sockets (to resume after a
-// fork), the EdgeSet their receives wait in, the pool of send requests, the
-// counts.
+// fork), the EdgeSet they wait in (for datagrams, for room), the pool of
+// send requests, the counts.
 struct UdpSet final : LoopContext::Extension {
   explicit UdpSet(LoopContext* c) : ctx(c), edges(&c->chain().io(), c->libuv_accounted()) {}
   ~UdpSet() override {
