@@ -10,11 +10,6 @@
 #include <cerrno>
 
 namespace ringpark::detail {
-namespace {
-
-int result(long r) noexcept { return r < 0 ? -errno : static_cast<int>(r); }
-
-}  // namespace
 
 // Every pointer in `op` stays valid until the op's final completion, which
 // cannot run before this returns.
@@ -72,9 +67,8 @@ int run_blocking(const Op& op) noexcept {
     }
     // EINTR (rare: pool threads block signals) means nothing was done.
   } while (r < 0 && errno == EINTR);
-  return result(r);
+  return errno_result(r);
 }
-
 
 bool blocking_call_is_bounded(const Op& op) noexcept {
   switch (op.code) {

@@ -3,9 +3,14 @@
 // io_uring driver makes one itself when io_uring could not start a worker.
 #pragma once
 
+#include <cerrno>
+
 #include "ringpark/op.hpp"
 
 namespace ringpark::detail {
+
+// A syscall's return value as an op's result: itself, or the negative errno.
+inline int errno_result(long r) noexcept { return r < 0 ? -errno : static_cast<int>(r); }
 
 // Makes `op`'s call (read, write, readv, writev, fsync, fdatasync, openat,
 // statx, unlinkat, renameat, mkdirat, ftruncate, shutdown; -EINVAL for any

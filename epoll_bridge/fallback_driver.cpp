@@ -1,7 +1,5 @@
 #include "epoll_bridge/fallback_driver.hpp"
 
-#include "epoll_bridge/blocking.hpp"
-
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
@@ -17,6 +15,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <type_traits>
+
+#include "epoll_bridge/blocking.hpp"
 
 namespace ringpark::detail {
 
@@ -73,8 +73,6 @@ std::uint32_t interest(const Op& op) noexcept {
       return EPOLLIN;
   }
 }
-
-int result(long r) noexcept { return r < 0 ? -errno : static_cast<int>(r); }
 
 }  // namespace
 
@@ -191,7 +189,7 @@ void FallbackDriver::start(Record& r) noexcept {
     case OpCode::shutdown:
       // Never blocks, so it runs here rather than on the pool.
       ++stats_.syscalls;
-      return finish(r, result(::shutdown(op->fd, op->flags)));
+      return finish(r, errno_result(::shutdown(op->fd, op->flags)));
     case OpCode::cancel:
       return start_cancel(r);
     case OpCode::openat:
@@ -237,7 +235,7 @@ int FallbackDriver::close_fd(int fd) noexcept {
   }
   if (inner_fd_ == fd) inner_fd_ = -1;  // registered again on the next park
   ++stats_.syscalls;
-  return result(::close(fd));
+  return errno_result(::close(fd));
 }
 
 // ---- Cancellation -----------------------------------------------------------
