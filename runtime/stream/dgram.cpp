@@ -116,16 +116,16 @@ bool sends_dont_wait(Dgram* d) noexcept { return d->life.io().native(OpCode::sen
 
 bool watched(const Dgram* d) noexcept { return d->member.in; }
 
-// A watched socket's receive ended. True when it ended with -EAGAIN, which
-// is no error: it found the socket empty, unless it is a multishot recvmsg
-// that took datagrams (the kernel ends one with -EAGAIN after a number taken
-// at once, 32 on Linux 6.18, whether or not more wait). Any end but an empty
-// socket (datagrams, an error, a cancel) may leave datagrams behind: then the
-// next arm_receive drains again.
-bool ended_dry(Dgram* d, int res) noexcept {
+// A watched socket's receive ended, having brought `taken` datagrams. True
+// when it ended with -EAGAIN, which is no error: it found the socket empty,
+// unless it took datagrams (from Linux 6.7 the kernel ends a multishot
+// recvmsg with -EAGAIN after 33 taken at once, whether or not more wait). Any
+// end but an empty socket (datagrams, an error, a cancel) may leave datagrams
+// behind: then the next arm_receive drains again.
+bool ended_dry(Dgram* d, int res, std::uint32_t taken) noexcept {
   if (!watched(d)) return false;
   const bool eagain = res == -EAGAIN || res == -EWOULDBLOCK;
-  if (!eagain || d->ms_taken > 0) d->may_read = true;
+  if (!eagain || taken > 0) d->may_read = true;
   return eagain;
 }
 
@@ -614,7 +614,7 @@ void on_edge(EdgeSet::Member* m, std::uint32_t events) noexcept {
 // ECONNREFUSED...), or because the kernel lacks it.
 void ms_ended(Dgram* d, int res, bool we_cancelled) noexcept {
   if (d->closing()) return;
-  if (ended_dry(d, res)) {
+  if (ended_dry(d, res, d->ms_taken)) {
     // Nothing more now: wait for the socket's next edge (or drain again).
   } else if (res == -EOPNOTSUPP) {
     d->mode = RecvMode::plain;  // plain recvmsg from now on
@@ -659,7 +659,7 @@ void on_plain_op(Op* op, int res, std::uint32_t) noexcept {
   const bool we_cancelled = p->cancelled;
   p->cancelled = false;
   if (!d->closing()) {
-    if (ended_dry(d, res)) {
+    if (ended_dry(d, res, 0)) {  // a plain receive's datagram is its result
       // Nothing now: wait for the socket's next edge.
     } else if (res >= 0) {
       Held h{};
