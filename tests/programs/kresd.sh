@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 # Debian 12's knot-resolver 5.6 (kresd, linked to the system libuv1), for
 # tests/programs/run.sh: fetched with `apt-get download` and unpacked with
 # `dpkg -x` into the build folder, as node 18 is; nothing is installed.
@@ -11,17 +12,12 @@ KRESD_PACKAGES=(knot-resolver libknot13 libzscanner4 libdnssec9 libfstrm0 libjem
                 libxdp1 libprotobuf-c1 libluajit-5.1-2 libluajit-5.1-common dns-root-data)
 KRESD_ROOT=""
 
+# shellcheck source=tests/programs/debs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/debs.sh"
+
 kresd_fetch() {
-  local dir=$1 debs deb
-  KRESD_ROOT=$dir/kresd
-  [ -x "$KRESD_ROOT/usr/sbin/kresd" ] && return 0
-  debs=$dir/kresd-debs
-  rm -rf "$debs" "$KRESD_ROOT"
-  mkdir -p "$debs"
-  (cd "$debs" && apt-get download "${KRESD_PACKAGES[@]}") >"$dir/kresd-download.log" 2>&1 ||
-    (apt-get update >/dev/null 2>&1 && cd "$debs" && apt-get download "${KRESD_PACKAGES[@]}") \
-      >>"$dir/kresd-download.log" 2>&1 || return 1
-  for deb in "$debs"/*.deb; do dpkg -x "$deb" "$KRESD_ROOT" || return 1; done
+  KRESD_ROOT=$1/kresd
+  debs_unpack "$1" kresd usr/sbin/kresd "${KRESD_PACKAGES[@]}"
 }
 
 # kresd_namespace COMMAND...: runs COMMAND (a shell command line, with

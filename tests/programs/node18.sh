@@ -12,17 +12,12 @@ NODE18_PACKAGES=(nodejs=18.20.4+dfsg-1~deb12u3 libnode108=18.20.4+dfsg-1~deb12u3
                  node-acorn node-cjs-module-lexer node-undici)
 NODE18_ROOT=""
 
+# shellcheck source=tests/programs/debs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/debs.sh"
+
 node18_fetch() {
-  local dir=$1 debs deb
-  NODE18_ROOT=$dir/node18
-  [ -x "$NODE18_ROOT/usr/bin/node" ] && return 0
-  debs=$dir/node18-debs
-  rm -rf "$debs" "$NODE18_ROOT"
-  mkdir -p "$debs"
-  (cd "$debs" && apt-get download "${NODE18_PACKAGES[@]}") >"$dir/node18-download.log" 2>&1 ||
-    (apt-get update >/dev/null 2>&1 && cd "$debs" && apt-get download "${NODE18_PACKAGES[@]}") \
-      >>"$dir/node18-download.log" 2>&1 || return 1
-  for deb in "$debs"/*.deb; do dpkg -x "$deb" "$NODE18_ROOT" || return 1; done
+  NODE18_ROOT=$1/node18
+  debs_unpack "$1" node18 usr/bin/node "${NODE18_PACKAGES[@]}"
 }
 
 # The node binary looks for its externalized builtins (acorn, cjs-module-lexer,
